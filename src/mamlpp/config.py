@@ -1,0 +1,254 @@
+"""One typed configuration for every run, with `section.key=value` overrides.
+
+The config is plain nested dataclasses. `apply_overrides` parses command-line strings against the
+field annotations, so a typo or a bad value fails with the list of valid keys or the expected type.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+
+class ConfigError(ValueError):
+    """A configuration key or value that cannot be used; the message says what is expected."""
+
+
+@dataclass
+class DataConfig:
+    dataset: Literal["sinusoid", "omniglot", "mini_imagenet", "folder"] = "omniglot"
+    data_dir: str = ""  # empty: --data-dir, then $MAMLPP_DATA, then the user cache directory
+    ways: int = 5  # N classes per task (ignored by sinusoid)
+    shots: int = 1  # K support examples per class (sinusoid: K points per task)
+    queries: int = 1  # T query examples per class (sinusoid: T query points per task)
+    split: Literal["reference", "vinyals"] = "reference"  # Omniglot class split
+    augment: bool = True  # Omniglot: per-task, per-class random k*90 degree rotation (train only)
+    image_size: int = 0  # 0: the data set's own size (28 Omniglot, 84 Mini-ImageNet)
+    channels: int = 0  # 0: the data set's own channel count
+    split_fractions: tuple[float, ...] = (0.64, 0.16, 0.20)  # image folders that are not pre-split
+
+
+@dataclass
+class ModelConfig:
+    arch: Literal["conv4", "mlp"] = "conv4"
+    filters: int = 64
+    stages: int = 4
+    pooling: Literal["max", "avg", "stride"] = "max"  # 'stride': stride-2 convs, global avg pool
+    activation: Literal["leaky_relu", "relu", "tanh"] = "leaky_relu"
+    hidden: tuple[int, ...] = (40, 40)  # mlp only
+    # BNWB: per-step batch-norm weights and biases, shape (S, C), learned in the outer loop.
+    bnwb: bool = False
+    # BNRS: per-step batch-norm running statistics, shape (S, C), carried as explicit state.
+    bnrs: bool = False
+    # 'batch': normalise with each task's own batch statistics, also at evaluation (the reference).
+    # 'running': evaluation normalises with the per-step running statistics (needs bnrs).
+    bn_eval: Literal["batch", "running"] = "batch"
+    bn_momentum: float = 0.1
+
+
+@dataclass
+class InnerConfig:
+    steps: int = 5  # S, inner steps during meta-training
+    eval_steps: int = 0  # inner steps at validation/test; 0 means the same as steps
+    lr: float = 0.1  # fixed rate (MAML), or the initial value of the learned rates
+    # 'fixed': one scalar; 'lslr': one learned scalar per parameter tensor per step (MAML++);
+    # 'metasgd': one learned rate per parameter element (Meta-SGD).
+    lr_mode: Literal["fixed", "lslr", "metasgd"] = "fixed"
+    second_order: bool = True
+    # DA: first order for epochs 0..da_epochs, second order after; -1 means never first order.
+    da_epochs: int = -1
+
+    @property
+    def test_steps(self) -> int:
+        return self.eval_steps or self.steps
+
+
+@dataclass
+class OuterConfig:
+    meta_batch: int = 8  # B tasks per meta-update
+    lr: float = 1e-3  # Adam learning rate
+    betas: tuple[float, ...] = (0.9, 0.999)
+    # MSL: multi-step loss, annealed over msl_epochs, floor msl_floor/S for non-final steps.
+    msl: bool = False
+    msl_epochs: int = 10
+    msl_floor: float = 0.03
+    # How task losses combine: 'sum' (paper, paper-era code) or 'mean' (reference HEAD).
+    task_reduction: Literal["sum", "mean"] = "mean"
+    # CA: closed-form per-epoch cosine annealing of the meta learning rate down to eta_min.
+    ca: bool = False
+    eta_min: float = 1e-5
+    grad_clamp: Optional[float] = None  # element-wise clamp of network meta-gradients (Mini: 10)
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    epochs: int = 100
+    iters_per_epoch: int = 500
+    eval_tasks: int = 600  # fixed validation/test tasks
+    eval_chunk: int = 200  # tasks evaluated together in one batched pass
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["float32", "float64"] = "float32"
+    impl: Literal["parallel", "loop"] = "parallel"  # 'loop': the per-task oracle, for tests/bench
+    log_every: int = 50  # iterations between metrics.csv rows
+
+
+@dataclass
+class Config:
+    name: str = "custom"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    inner: InnerConfig = field(default_factory=InnerConfig)
+    outer: OuterConfig = field(default_factory=OuterConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=False)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Config":
+        cfg = cls()
+        for key, value in d.items():
+            if key == "name":
+                cfg.name = value
+                continue
+            section = getattr(cfg, key, None)
+            if not dataclasses.is_dataclass(section):
+                raise ConfigError(f"unknown config section {key!r}; valid: {', '.join(SECTIONS)}")
+            for k, v in value.items():
+                _set(section, key, k, v, from_string=False)
+        validate(cfg)
+        return cfg
+
+
+SECTIONS = ("data", "model", "inner", "outer", "train")
+
+
+def valid_keys(cfg: Config | None = None) -> list[str]:
+    cfg = cfg or Config()
+    return [f"{s}.{f.name}" for s in SECTIONS for f in dataclasses.fields(getattr(cfg, s))]
+
+
+def _parse(text: str, tp, key: str):
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:  # Optional[X]
+        inner = [a for a in typing.get_args(tp) if a is not type(None)][0]
+        return None if text.lower() in ("none", "null", "") else _parse(text, inner, key)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if text not in choices:
+            raise ConfigError(f"{key}={text!r}: expected one of {', '.join(map(str, choices))}")
+        return text
+    if origin is tuple:
+        elem = typing.get_args(tp)[0]
+        parts = [p for p in text.replace("(", "").replace(")", "").split(",") if p.strip()]
+        return tuple(_parse(p.strip(), elem, key) for p in parts)
+    if tp is bool:
+        low = text.lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{key}={text!r}: expected a boolean (true/false)")
+    if tp in (int, float):
+        try:
+            return tp(text)
+        except ValueError:
+            raise ConfigError(f"{key}={text!r}: expected {tp.__name__}") from None
+    return text
+
+
+def _check_type(value, tp, key: str):
+    """Type-check a value that did not come from a string (presets, config.json)."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:
+        if value is None:
+            return None
+        inner = [a for a in typing.get_args(tp) if a is not type(None)][0]
+        return _check_type(value, inner, key)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{key}={value!r}: expected one of {', '.join(map(str, typing.get_args(tp)))}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}={value!r}: expected a comma-separated list")
+        return tuple(_check_type(v, typing.get_args(tp)[0], key) for v in value)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (bool, int, float, str) and (type(value) is not tp):
+        raise ConfigError(f"{key}={value!r}: expected {tp.__name__}")
+    return value
+
+
+def _set(section_obj, section: str, key: str, value, from_string: bool):
+    hints = typing.get_type_hints(type(section_obj))
+    if key not in hints:
+        raise ConfigError(f"unknown config key {section}.{key!r}; valid keys: {', '.join(valid_keys())}")
+    full = f"{section}.{key}"
+    value = _parse(value, hints[key], full) if from_string else _check_type(value, hints[key], full)
+    setattr(section_obj, key, value)
+
+
+def resolve_key(key: str) -> tuple[str, str]:
+    """'inner.steps' -> ('inner', 'steps'); a bare 'steps' works when only one section has it."""
+    if "." in key:
+        section, name = key.split(".", 1)
+        if section not in SECTIONS:
+            raise ConfigError(f"unknown config section {section!r} in {key!r}; valid keys: {', '.join(valid_keys())}")
+        return section, name
+    owners = [s for s in SECTIONS if key in {f.name for f in dataclasses.fields(getattr(Config(), s))}]
+    if len(owners) == 1:
+        return owners[0], key
+    if not owners:
+        raise ConfigError(f"unknown config key {key!r}; valid keys: {', '.join(valid_keys())}")
+    raise ConfigError(f"ambiguous key {key!r}: say {' or '.join(f'{s}.{key}' for s in owners)}")
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """Apply `KEY=VALUE` strings to a copy of cfg and validate the result."""
+    cfg = dataclasses.replace(cfg, **{s: dataclasses.replace(getattr(cfg, s)) for s in SECTIONS})
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not KEY=VALUE; valid keys: {', '.join(valid_keys())}")
+        key, value = item.split("=", 1)
+        section, name = resolve_key(key.strip())
+        _set(getattr(cfg, section), section, name, value.strip(), from_string=True)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Reject combinations that cannot run, before any work starts."""
+    d, m, i, o, t = cfg.data, cfg.model, cfg.inner, cfg.outer, cfg.train
+    positive = {"data.ways": d.ways, "data.shots": d.shots, "data.queries": d.queries,
+                "model.filters": m.filters, "model.stages": m.stages, "inner.steps": i.steps,
+                "outer.meta_batch": o.meta_batch, "outer.msl_epochs": o.msl_epochs,
+                "train.epochs": t.epochs, "train.iters_per_epoch": t.iters_per_epoch,
+                "train.eval_tasks": t.eval_tasks, "train.eval_chunk": t.eval_chunk, "train.log_every": t.log_every}
+    for key, value in positive.items():
+        if value < 1:
+            raise ConfigError(f"{key}={value}: must be >= 1")
+    if i.eval_steps < 0:
+        raise ConfigError(f"inner.eval_steps={i.eval_steps}: must be >= 1 (or 0 for 'same as inner.steps')")
+    if d.dataset == "sinusoid" and m.arch != "mlp":
+        raise ConfigError("data.dataset=sinusoid needs model.arch=mlp")
+    if d.dataset != "sinusoid" and m.arch != "conv4":
+        raise ConfigError(f"data.dataset={d.dataset} needs model.arch=conv4")
+    if m.bn_eval == "running" and not m.bnrs:
+        raise ConfigError("model.bn_eval=running needs per-step running statistics: set model.bnrs=true")
+    if not 0.0 < m.bn_momentum <= 1.0:
+        raise ConfigError(f"model.bn_momentum={m.bn_momentum}: must be in (0, 1]")
+    if o.grad_clamp is not None and o.grad_clamp <= 0:
+        raise ConfigError(f"outer.grad_clamp={o.grad_clamp}: must be > 0 or none")
+    if not 0.0 <= o.msl_floor * 1.0 < 1.0:
+        raise ConfigError(f"outer.msl_floor={o.msl_floor}: must be in [0, 1)")
+    if len(o.betas) != 2:
+        raise ConfigError(f"outer.betas={o.betas}: expected two values, e.g. 0.9,0.999")
+    if len(d.split_fractions) != 3 or abs(sum(d.split_fractions) - 1.0) > 1e-6:
+        raise ConfigError(f"data.split_fractions={d.split_fractions}: expected three fractions summing to 1")

@@ -1,0 +1,186 @@
+"""The base learners as pure functions of an explicit parameter tree, for B tasks at once.
+
+Parameter tree (all plain tensors; nothing is stored in modules):
+  params["net"]  the inner-loop-adapted tensors: conv{i}.weight/bias, linear.weight/bias (or fc{i}.*)
+  params["bn"]   batch-norm gamma/beta, meta-learned only: (C,) shared, or (S, C) with BNWB
+  params["lr"]   inner learning rates (see inner.py), empty for a fixed rate
+  state          BNRS running statistics bn{i}.mean / bn{i}.var of shape (S, C), or {}
+
+Tasks run together by folding the task axis into convolution groups (engineering notes): inputs
+[B, n, C, H, W] become [n, B*C, H, W], per-task weights [B, O, C, 3, 3] become [B*O, C, 3, 3], and
+one conv2d(groups=B) computes every task. Batch norm over [n, B*O, H, W] then normalises each
+(task, channel) over that task's own n images: per-task statistics, never pooled across tasks.
+Forward, backward and double backward are ordinary autograd, so no vmap is involved.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .config import ModelConfig
+
+Tree = dict[str, torch.Tensor]
+BN_EPS = 1e-5
+
+
+def xavier_uniform(shape: tuple[int, ...], generator: torch.Generator, dtype, device) -> torch.Tensor:
+    receptive = math.prod(shape[2:]) if len(shape) > 2 else 1
+    fan_in, fan_out = shape[1] * receptive, shape[0] * receptive
+    bound = math.sqrt(6.0 / (fan_in + fan_out))
+    return ((torch.rand(shape, generator=generator, dtype=dtype) * 2 - 1) * bound).to(device)
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-task affine map: x [B, n, in], w [B, out, in], b [B, out] -> [B, n, out]."""
+    return torch.baddbmm(b.unsqueeze(1), x, w.transpose(1, 2))
+
+
+def activation(name: str, h: torch.Tensor) -> torch.Tensor:
+    if name == "leaky_relu":
+        return F.leaky_relu(h, 0.01)
+    if name == "relu":
+        return F.relu(h)
+    return torch.tanh(h)
+
+
+# ---- batch norm: BNWB (per-step gamma/beta) and BNRS (per-step running statistics) -----------------
+def batch_norm(h: torch.Tensor, bn: Tree, state: Tree, name: str, slot: int, tasks: int,
+               use_running: bool, want_stats: bool):
+    """Batch norm of folded activations h [n, B*C, H, W] (or [n, B*C]).
+
+    BNWB: gamma/beta of shape (S, C) are indexed by the inner-step slot; (C,) is shared.
+    BNRS: with use_running, normalise with the slot's running statistics (evaluation in
+    bn_eval='running' mode); otherwise with the task's own batch statistics (the reference).
+    Returns the output and, when want_stats, the detached per-task (mean, unbiased var) [B, C]
+    that update_running_stats folds into the state.
+    """
+    gamma, beta = bn[f"{name}.weight"], bn[f"{name}.bias"]
+    if gamma.dim() == 2:
+        gamma, beta = gamma[slot], beta[slot]
+    gamma, beta = gamma.repeat(tasks), beta.repeat(tasks)
+    if use_running:
+        mean, var = state[f"{name}.mean"][slot].repeat(tasks), state[f"{name}.var"][slot].repeat(tasks)
+        return F.batch_norm(h, mean, var, gamma, beta, training=False, eps=BN_EPS), None
+    out = F.batch_norm(h, None, None, gamma, beta, training=True, eps=BN_EPS)
+    stats = None
+    if want_stats:
+        with torch.no_grad():
+            flat = h.detach().transpose(0, 1).reshape(h.shape[1], -1)
+            stats = (flat.mean(1).view(tasks, -1), flat.var(1, unbiased=True).view(tasks, -1))
+    return out, stats
+
+
+def update_running_stats(state: Tree, passes: list[tuple[int, dict]], momentum: float) -> Tree:
+    """BNRS: fold the batch statistics of one meta-batch into the per-step running statistics.
+
+    `passes` lists (slot, {layer: (mean [B, C], var [B, C])}) in the order the reference visits
+    them for one task (support pass of step i, then its query pass). The reference processes tasks
+    one after another, each pass applying r <- (1 - m) r + m s; the closed form of that sequence,
+    task-major, is r_M = (1-m)^M r_0 + sum_j m (1-m)^(M-j) s_j, computed here without a task loop.
+    Returns a new state; the input is not modified.
+    """
+    if not state:
+        return state
+    new = dict(state)
+    slots = sorted({slot for slot, _ in passes})
+    for slot in slots:
+        per_task = [stats for s, stats in passes if s == slot]  # passes of one task, in order
+        for layer in per_task[0]:
+            means = torch.stack([p[layer][0] for p in per_task], 1)  # [B, P, C]
+            vars_ = torch.stack([p[layer][1] for p in per_task], 1)
+            tasks, count = means.shape[:2]
+            total = tasks * count
+            order = torch.arange(1, total + 1, dtype=means.dtype, device=means.device)
+            coef = (momentum * (1 - momentum) ** (total - order)).view(tasks, count, 1)
+            decay = (1 - momentum) ** total
+            for key, batch in ((f"{layer}.mean", means), (f"{layer}.var", vars_)):
+                updated = new[key].clone()
+                updated[slot] = decay * new[key][slot] + (coef * batch).sum((0, 1))
+                new[key] = updated
+    return new
+
+
+# ---- the base learner: 4 x (conv3x3 -> BN -> leaky ReLU -> 2x2 max-pool) -> linear ------------------
+class Conv4:
+    """VGG-style base learner of MAML/MAML++ (spec section 1); static hyper-parameters only."""
+
+    def __init__(self, cfg: ModelConfig, input_shape: tuple[int, int, int], num_outputs: int, bn_slots: int):
+        self.cfg, self.input_shape, self.num_outputs = cfg, input_shape, num_outputs
+        self.bn_slots = bn_slots  # S: one BN slot per training inner step
+        self.stride = 2 if cfg.pooling == "stride" else 1
+        size = input_shape[1]
+        for _ in range(cfg.stages):
+            size = (size + 1) // 2 if cfg.pooling == "stride" else size // 2
+        if size < 1:
+            raise ValueError(f"input size {input_shape[1]} is too small for {cfg.stages} stages")
+        self.features = cfg.filters if cfg.pooling == "stride" else cfg.filters * size * size
+
+    def init(self, generator: torch.Generator, dtype=torch.float32, device="cpu") -> tuple[dict[str, Tree], Tree]:
+        c, f = self.input_shape[0], self.cfg.filters
+        net: Tree = {}
+        for i in range(self.cfg.stages):
+            net[f"conv{i}.weight"] = xavier_uniform((f, c if i == 0 else f, 3, 3), generator, dtype, device)
+            net[f"conv{i}.bias"] = torch.zeros(f, dtype=dtype, device=device)
+        net["linear.weight"] = xavier_uniform((self.num_outputs, self.features), generator, dtype, device)
+        net["linear.bias"] = torch.zeros(self.num_outputs, dtype=dtype, device=device)
+        shape = (self.bn_slots, f) if self.cfg.bnwb else (f,)
+        bn, state = {}, {}
+        for i in range(self.cfg.stages):
+            bn[f"bn{i}.weight"] = torch.ones(shape, dtype=dtype, device=device)
+            bn[f"bn{i}.bias"] = torch.zeros(shape, dtype=dtype, device=device)
+            if self.cfg.bnrs:
+                state[f"bn{i}.mean"] = torch.zeros(self.bn_slots, f, dtype=dtype, device=device)
+                state[f"bn{i}.var"] = torch.ones(self.bn_slots, f, dtype=dtype, device=device)
+        return {"net": net, "bn": bn}, state
+
+    def forward(self, net: Tree, bn: Tree, state: Tree, x: torch.Tensor, slot: int,
+                use_running: bool = False, want_stats: bool = False):
+        """x [B, n, C, H, W] with per-task weights net[k] [B, ...] -> logits [B, n, N], BN stats."""
+        tasks, n = x.shape[:2]
+        h = x.transpose(0, 1).reshape(n, tasks * x.shape[2], *x.shape[3:])  # fold tasks into channels
+        stats = {}
+        for i in range(self.cfg.stages):
+            w = net[f"conv{i}.weight"]
+            h = F.conv2d(h, w.reshape(-1, *w.shape[2:]), net[f"conv{i}.bias"].reshape(-1),
+                         stride=self.stride, padding=1, groups=tasks)
+            h, s = batch_norm(h, bn, state, f"bn{i}", slot, tasks, use_running, want_stats)
+            if s is not None:
+                stats[f"bn{i}"] = s
+            h = activation(self.cfg.activation, h)
+            if self.cfg.pooling == "max":
+                h = F.max_pool2d(h, 2, 2)
+            elif self.cfg.pooling == "avg":
+                h = F.avg_pool2d(h, 2, 2)
+        if self.cfg.pooling == "stride":
+            h = h.mean((2, 3), keepdim=True)
+        feats = h.reshape(n, tasks, -1).transpose(0, 1)  # [B, n, O*h*w] in (C, H, W) order per task
+        return linear(feats, net["linear.weight"], net["linear.bias"]), stats
+
+
+class MLP:
+    """Fully connected ReLU network for regression (MAML's sinusoid: 1-40-40-1), no batch norm."""
+
+    def __init__(self, cfg: ModelConfig, input_shape: tuple[int], num_outputs: int, bn_slots: int):
+        self.cfg, self.sizes = cfg, (input_shape[0], *cfg.hidden, num_outputs)
+
+    def init(self, generator: torch.Generator, dtype=torch.float32, device="cpu") -> tuple[dict[str, Tree], Tree]:
+        net = {}
+        for i, (a, b) in enumerate(zip(self.sizes[:-1], self.sizes[1:])):
+            net[f"fc{i}.weight"] = xavier_uniform((b, a), generator, dtype, device)
+            net[f"fc{i}.bias"] = torch.zeros(b, dtype=dtype, device=device)
+        return {"net": net, "bn": {}}, {}
+
+    def forward(self, net: Tree, bn: Tree, state: Tree, x: torch.Tensor, slot: int,
+                use_running: bool = False, want_stats: bool = False):
+        layers = len(self.sizes) - 1
+        for i in range(layers):
+            x = linear(x, net[f"fc{i}.weight"], net[f"fc{i}.bias"])
+            if i < layers - 1:
+                x = activation(self.cfg.activation, x)
+        return x, {}
+
+
+def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], num_outputs: int, bn_slots: int):
+    return (Conv4 if cfg.arch == "conv4" else MLP)(cfg, input_shape, num_outputs, bn_slots)

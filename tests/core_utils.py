@@ -1,0 +1,65 @@
+"""Small builders shared by the core tests: tiny networks and random episodes in float64."""
+from __future__ import annotations
+
+import torch
+
+from mamlpp.config import Config
+from mamlpp.presets import get_preset
+from mamlpp.trainer import flatten, init_learner
+
+F64 = torch.float64
+
+
+def tiny_config(preset: str = "omniglot-5w1s-mamlpp", **changes) -> Config:
+    """A preset shrunk to a few filters and steps; changes are {'section.key': value}."""
+    cfg = get_preset(preset)
+    cfg.model.filters, cfg.model.stages = 4, 3
+    cfg.inner.steps = 3
+    for key, value in changes.items():
+        section, name = key.split(".")
+        setattr(getattr(cfg, section), name, value)
+    return cfg
+
+
+def smooth(cfg: Config) -> Config:
+    """Finite differences need a smooth network: tanh and average pooling, no kinks."""
+    cfg.model.activation, cfg.model.pooling = "tanh", "avg"
+    return cfg
+
+
+def learner(cfg: Config, shape=(1, 12, 12), ways=3, seed=0, perturb_bn=True):
+    """(model, params, state) in float64; BN weights/state moved off their init so that every
+    per-step slot is distinguishable."""
+    model, params, state = init_learner(cfg, shape, ways, "cpu", F64, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        if perturb_bn:
+            for t in params["bn"].values():
+                t.add_(0.2 * torch.randn(t.shape, generator=g, dtype=F64))
+        for t in params["lr"].values():
+            t.mul_(1 + 0.3 * torch.rand(t.shape, generator=g, dtype=F64))
+    state = {k: v + 0.5 * torch.rand(v.shape, generator=g, dtype=F64) for k, v in state.items()}
+    return model, params, state
+
+
+def episodes(tasks=3, ways=3, shots=2, queries=2, shape=(1, 12, 12), seed=0):
+    g = torch.Generator().manual_seed(100 + seed)
+    return {
+        "xs": torch.randn(tasks, ways * shots, *shape, generator=g, dtype=F64),
+        "ys": torch.arange(ways).repeat_interleave(shots).repeat(tasks, 1),
+        "xq": torch.randn(tasks, ways * queries, *shape, generator=g, dtype=F64),
+        "yq": torch.arange(ways).repeat_interleave(queries).repeat(tasks, 1),
+    }
+
+
+def meta_grad(loss_fn, model, params, state, eps, cfg, epoch=0, kind="classification"):
+    """(loss, flat gradient over every meta-parameter, new state)."""
+    flat = flatten(params)
+    loss, _, new_state = loss_fn(model, params, state, eps, cfg, epoch, kind)
+    grads = torch.autograd.grad(loss, list(flat.values()), allow_unused=True)
+    grads = [torch.zeros_like(p) if g is None else g for p, g in zip(flat.values(), grads)]
+    return loss.detach(), dict(zip(flat, grads)), new_state
+
+
+def cat(grads: dict) -> torch.Tensor:
+    return torch.cat([g.flatten() for g in grads.values()])
