@@ -1,15 +1,16 @@
-"""Command line: `mamlpp train | presets | config | ...`; `mamlpp COMMAND --help` for each."""
+"""Command line: `mamlpp train | eval | presets | config | ...`; `mamlpp COMMAND --help` for each."""
 from __future__ import annotations
 
 import argparse
 import sys
 
-from .config import Config, ConfigError, apply_overrides, valid_keys
+from .config import Config, ConfigError, apply_budget, apply_overrides
 from .presets import PRESETS, get_preset
 
 
 def resolve_config(preset: str, overrides: list[str]) -> Config:
-    return apply_overrides(get_preset(preset), overrides)
+    """Preset, then KEY=VALUE overrides, then train.budget scaling (applied once, recorded in config.json)."""
+    return apply_budget(apply_overrides(get_preset(preset), overrides))
 
 
 def cmd_presets(args) -> int:
@@ -24,23 +25,52 @@ def cmd_config(args) -> int:
     return 0
 
 
-def cmd_train(args) -> int:
-    from .tasks import build_tasks
-    from .trainer import select_device, train
-
-    cfg = resolve_config(args.preset, args.overrides)
-    device = select_device(cfg.train.device)
-    tasks = build_tasks(cfg, device, data_dir=args.data_dir)
-    summary = train(cfg, tasks, args.out, device, progress=not args.no_progress)
-    final = summary["final"]
-    print(f"run: {args.out}  iterations: {summary['iterations']}  seconds: {summary['seconds']:.1f}")
-    if "mse_after_adaptation" in final:
-        print(f"held-out MSE over {final['num_tasks']} tasks: before adaptation {final['mse_before_adaptation']:.4f}, "
-              f"after {final['adaptation_steps']} steps {final['mse_after_adaptation']:.4f} "
-              f"(+/- {final['mse_after_adaptation_ci95']:.4f})")
+def print_result(result: dict) -> None:
+    n = result["num_tasks"]
+    if "mse_after_adaptation" in result:
+        print(f"held-out MSE over {n} tasks: before adaptation {result['mse_before_adaptation']:.4f}, after "
+              f"{result['inner_steps']} steps {result['mse_after_adaptation']:.4f} (+/- {result['ci95']:.4f})")
     else:
-        print(f"test accuracy over {final['num_tasks']} tasks: {100 * final['accuracy']:.2f}% "
-              f"+/- {100 * final['accuracy_ci95']:.2f}% (95% CI)")
+        print(f"{result['split']} accuracy over {n} tasks: {100 * result['accuracy']:.2f}% +/- "
+              f"{100 * result['ci95']:.2f}% (95% CI, ensemble of {result['ensemble_size']}); single best model "
+              f"{100 * result['single_model_accuracy']:.2f}% +/- {100 * result['single_model_ci95']:.2f}%")
+
+
+def cmd_train(args) -> int:
+    from .evaluation import load_run_config
+    from .tasks import build_tasks
+    from .trainer import NonFiniteLossError, select_device, train
+
+    if args.resume:
+        if args.preset or args.overrides:
+            raise ConfigError("--resume RUN_DIR takes its config from RUN_DIR/config.json; drop PRESET and overrides")
+        run_dir, cfg = args.resume, load_run_config(args.resume)
+    else:
+        if not args.preset or not args.out:
+            raise ConfigError("train needs PRESET and --out RUN_DIR (or --resume RUN_DIR)")
+        run_dir, cfg = args.out, resolve_config(args.preset, args.overrides)
+    device = select_device(cfg.train.device)
+    tasks = build_tasks(cfg, device, data_dir=args.data_dir)  # data problems surface before training
+    try:
+        summary = train(cfg, tasks, run_dir, device, progress=not args.no_progress, resume=bool(args.resume),
+                        run_test=not args.no_test)
+    except NonFiniteLossError as e:
+        print(f"mamlpp: {e}", file=sys.stderr)
+        return 1
+    print(f"run: {run_dir}  iterations: {summary['iterations']}  seconds: {summary['seconds']:.1f}")
+    if summary["final"]:
+        print_result(summary["final"])
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .evaluation import evaluate_run
+    from .trainer import select_device
+
+    device = select_device(args.device) if args.device else None
+    result = evaluate_run(args.run_dir, device=device, top_k=args.top_k, data_dir=args.data_dir, split=args.split)
+    print_result(result)
+    print(f"wrote {args.run_dir}/{args.split}.json")
     return 0
 
 
@@ -48,26 +78,37 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mamlpp", description="Fast, faithful MAML and MAML++ for few-shot learning.",
         epilog="Overrides are KEY=VALUE with KEY as section.name (or a bare name when unique), e.g. "
-               "inner.steps=3 outer.meta_batch=4 train.device=cpu. Valid keys: 'mamlpp config PRESET'.")
+               "inner.steps=3 outer.meta_batch=4 train.device=cpu train.budget=0.1. "
+               "'mamlpp config PRESET' prints every key.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("presets", help="list the named presets")
     p.set_defaults(func=cmd_presets)
 
-    def with_preset(p):
-        p.add_argument("preset", help="preset name ('mamlpp presets' lists them)")
-        p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
-
     p = sub.add_parser("config", help="print the resolved config of a preset with overrides")
-    with_preset(p)
+    p.add_argument("preset", help="preset name ('mamlpp presets' lists them)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
     p.set_defaults(func=cmd_config)
 
-    p = sub.add_parser("train", help="meta-train a preset; writes config.json, metrics.csv, summary.json")
-    with_preset(p)
-    p.add_argument("--out", required=True, help="run directory")
+    p = sub.add_parser("train", help="meta-train a preset, validate every epoch, checkpoint, then test",
+                       description="Meta-train PRESET into --out RUN_DIR (config.json, metrics.csv, checkpoints/, "
+                                   "tensorboard/, test.json, summary.json), or continue a killed run with --resume.")
+    p.add_argument("preset", nargs="?", help="preset name ('mamlpp presets' lists them)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+    p.add_argument("--out", help="run directory for a new run")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its latest checkpoint")
     p.add_argument("--data-dir", default=None, help="data root (default: $MAMLPP_DATA, then the user cache)")
+    p.add_argument("--no-test", action="store_true", help="skip the test protocol at the end")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="the paper's test protocol on a trained run; writes RUN_DIR/test.json")
+    p.add_argument("run_dir")
+    p.add_argument("--top-k", type=int, default=None, help="checkpoints to ensemble (default: the run's train.top_k)")
+    p.add_argument("--split", choices=["test", "val"], default="test")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None)
+    p.add_argument("--data-dir", default=None)
+    p.set_defaults(func=cmd_eval)
     return parser
 
 
@@ -75,8 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ConfigError as e:
-        print(f"mamlpp: config error: {e}", file=sys.stderr)
+    except (ConfigError, FileNotFoundError, FileExistsError) as e:
+        print(f"mamlpp: {e}", file=sys.stderr)
         return 2
 
 

@@ -93,6 +93,11 @@ class TrainConfig:
     dtype: Literal["float32", "float64"] = "float32"
     impl: Literal["parallel", "loop"] = "parallel"  # 'loop': the per-task oracle, for tests/bench
     log_every: int = 50  # iterations between metrics.csv rows
+    top_k: int = 3  # checkpoints kept by validation score and ensembled at test (paper 3, HEAD 5)
+    # Fraction of the schedule for quick runs: scales epochs and the epoch-denominated schedules
+    # (MSL epochs, DA epochs; CA follows epochs) together, so every schedule stays proportional.
+    budget: float = 1.0
+    tensorboard: bool = True
 
 
 @dataclass
@@ -223,6 +228,24 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
     return cfg
 
 
+def apply_budget(cfg: Config) -> Config:
+    """Shrink a run to train.budget of its epochs, scaling MSL and DA epochs alike (CA follows epochs).
+
+    The scaled values replace the originals and budget returns to 1.0, so applying it twice is
+    harmless and a run's config.json holds exactly what ran.
+    """
+    f = cfg.train.budget
+    if f == 1.0:
+        return cfg
+    cfg = dataclasses.replace(cfg, **{s: dataclasses.replace(getattr(cfg, s)) for s in SECTIONS})
+    cfg.train.epochs = max(1, round(cfg.train.epochs * f))
+    cfg.outer.msl_epochs = max(1, round(cfg.outer.msl_epochs * f))
+    if cfg.inner.da_epochs >= 0:  # first order for da_epochs + 1 epochs
+        cfg.inner.da_epochs = max(1, round((cfg.inner.da_epochs + 1) * f)) - 1
+    cfg.train.budget = 1.0
+    return cfg
+
+
 def validate(cfg: Config) -> None:
     """Reject combinations that cannot run, before any work starts."""
     d, m, i, o, t = cfg.data, cfg.model, cfg.inner, cfg.outer, cfg.train
@@ -230,10 +253,13 @@ def validate(cfg: Config) -> None:
                 "model.filters": m.filters, "model.stages": m.stages, "inner.steps": i.steps,
                 "outer.meta_batch": o.meta_batch, "outer.msl_epochs": o.msl_epochs,
                 "train.epochs": t.epochs, "train.iters_per_epoch": t.iters_per_epoch,
-                "train.eval_tasks": t.eval_tasks, "train.eval_chunk": t.eval_chunk, "train.log_every": t.log_every}
+                "train.eval_tasks": t.eval_tasks, "train.eval_chunk": t.eval_chunk, "train.log_every": t.log_every,
+                "train.top_k": t.top_k}
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key}={value}: must be >= 1")
+    if not 0.0 < t.budget <= 1.0:
+        raise ConfigError(f"train.budget={t.budget}: must be in (0, 1], a fraction of the schedule")
     if i.eval_steps < 0:
         raise ConfigError(f"inner.eval_steps={i.eval_steps}: must be >= 1 (or 0 for 'same as inner.steps')")
     if d.dataset == "sinusoid" and m.arch != "mlp":

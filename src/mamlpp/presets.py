@@ -74,8 +74,8 @@ def omniglot(ways: int, shots: int, reference: bool) -> Callable[[Config], None]
         cfg.outer.msl_epochs = 10
         cfg.outer.eta_min = 1e-5
         cfg.outer.grad_clamp = None
-        if reference:  # HEAD: B=8, mean over tasks
-            cfg.outer.meta_batch, cfg.outer.task_reduction = 8, "mean"
+        if reference:  # HEAD: B=8, mean over tasks, top-5 test ensemble
+            cfg.outer.meta_batch, cfg.outer.task_reduction, cfg.train.top_k = 8, "mean", 5
         else:  # paper era: B=16 (8 for 20-way 5-shot), sum over tasks
             cfg.outer.meta_batch = 8 if (ways, shots) == (20, 5) else 16
             cfg.outer.task_reduction = "sum"
@@ -92,7 +92,7 @@ def mini_imagenet(shots: int, reference: bool) -> Callable[[Config], None]:
         cfg.outer.eta_min = 1e-3  # = meta LR: CA is a no-op on Mini-ImageNet in the reference
         cfg.outer.grad_clamp = 10.0
         if reference:
-            cfg.outer.meta_batch, cfg.outer.task_reduction, cfg.inner.lr = 2, "mean", 0.1
+            cfg.outer.meta_batch, cfg.outer.task_reduction, cfg.inner.lr, cfg.train.top_k = 2, "mean", 0.1, 5
         else:
             cfg.outer.meta_batch = 4 if shots == 1 else 2
             cfg.outer.task_reduction, cfg.inner.lr = "sum", 0.01
@@ -147,6 +147,7 @@ def _sinusoid(cfg: Config) -> None:
     cfg.inner.lr, cfg.inner.steps, cfg.inner.eval_steps = 0.01, 1, 10
     cfg.outer.meta_batch, cfg.outer.lr, cfg.outer.task_reduction = 25, 1e-3, "mean"
     cfg.train.epochs, cfg.train.iters_per_epoch, cfg.train.eval_tasks = 70, 1000, 600
+    cfg.train.top_k = 1  # MAML reports its final model; validation here is only for checkpoint choice
 
 
 register("sinusoid-maml", "MAML on sinusoid regression (MAML paper 5.1), K=10, no download", maml, _sinusoid)

@@ -2,12 +2,16 @@
 
 Run directory contract (read by later tools):
   config.json   the resolved config
-  metrics.csv   one row per logged step: iteration, epoch, phase (train/val/test), loss, accuracy, lr, seconds
+  metrics.csv   one row per logged step: iteration, epoch, phase (train/val), loss, accuracy, lr, seconds
+  checkpoints/  latest.pt and the top-k epochs by validation score (checkpoint.py)
+  tensorboard/  the same metrics as TensorBoard events
+  test.json     the test protocol's result (evaluation.py)
   summary.json  at the end: {"preset", "iterations", "seconds", "final": {metric: value}}
 """
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
 import time
@@ -16,7 +20,7 @@ from pathlib import Path
 import torch
 
 from .config import Config
-from .files import atomic_write_json
+from .files import atomic_write_bytes, atomic_write_json
 from .inner import init_rates
 from .loop import evaluate_loop, meta_loss_loop
 from .network import build_model
@@ -89,21 +93,48 @@ class Trainer:
         metrics["meta_loss"] = loss.detach()
         return metrics
 
-    def evaluate(self, split: str, num_tasks: int | None = None, steps: int | None = None) -> dict[str, float]:
-        """Mean loss/accuracy and 95% CI over the fixed tasks of a split, many tasks at a time."""
+    def state_dict(self) -> dict:
+        """Everything a resumed run needs, as tensors and plain numbers (loads with weights_only)."""
+        rng = {"cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return {"params": {k: v.detach().clone() for k, v in flatten(self.params).items()},
+                "state": {k: v.clone() for k, v in self.state.items()},
+                "optimizer": self.optimizer.state_dict(), "rng": rng}
+
+    def load_state_dict(self, ckpt: dict) -> None:
+        flat = flatten(self.params)
+        if set(ckpt["params"]) != set(flat):
+            raise RuntimeError(f"checkpoint parameters {sorted(ckpt['params'])} do not match the model's {sorted(flat)}")
+        with torch.no_grad():
+            for k, v in flat.items():
+                v.copy_(ckpt["params"][k])
+        self.state = {k: v.to(self.device) for k, v in ckpt["state"].items()}
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        torch.set_rng_state(ckpt["rng"]["cpu"].cpu())
+        if "cuda" in ckpt["rng"] and self.device.type == "cuda":
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"].cpu(), self.device)
+
+    def evaluate_tasks(self, split: str, num_tasks: int | None = None, steps: int | None = None) -> dict:
+        """Per-task results on the fixed tasks of a split, `eval_chunk` tasks per batched pass:
+        {"loss": [T], "accuracy": [T] (classification), "output": [T, n, ...], "target": [T, n, ...]}."""
         num_tasks = num_tasks or self.cfg.train.eval_tasks
         chunk = self.cfg.train.eval_chunk
-        losses, accs = [], []
+        parts = []
         for first in range(0, num_tasks, chunk):
             episodes = self.tasks.eval_batch(split, first, min(chunk, num_tasks - first))
             result = self._evaluate(self.model, self.params, self.state, episodes, self.cfg,
                                     self.tasks.kind, steps)
-            losses.append(result["loss"])
-            if "accuracy" in result:
-                accs.append(result["accuracy"])
-        out = summarise("loss", torch.cat(losses))
-        if accs:
-            out.update(summarise("accuracy", torch.cat(accs)))
+            result["target"] = episodes["yq"]
+            parts.append(result)
+        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+    def evaluate(self, split: str, num_tasks: int | None = None, steps: int | None = None) -> dict[str, float]:
+        """Mean loss/accuracy and 95% CI over the fixed tasks of a split."""
+        result = self.evaluate_tasks(split, num_tasks, steps)
+        out = summarise("loss", result["loss"])
+        if "accuracy" in result:
+            out.update(summarise("accuracy", result["accuracy"]))
         return out
 
 
@@ -114,79 +145,132 @@ def summarise(name: str, per_task: torch.Tensor) -> dict[str, float]:
     return {name: per_task.mean().item(), f"{name}_ci95": 1.96 * std / math.sqrt(n), "num_tasks": n}
 
 
-class MetricsLog:
-    """Appends rows to RUN_DIR/metrics.csv (flushed per row, so a killed run keeps its history)."""
 
-    def __init__(self, path: Path):
+
+class NonFiniteLossError(FloatingPointError):
+    """The meta-loss or the parameters stopped being finite; the last good checkpoint is kept."""
+
+
+class MetricsLog:
+    """RUN_DIR/metrics.csv, flushed per row so a killed run keeps its history, plus TensorBoard."""
+
+    def __init__(self, run_dir: Path, resume_iteration: int | None, tensorboard: bool):
+        path = run_dir / "metrics.csv"
+        if resume_iteration is not None and path.exists():  # drop rows the resumed run will redo
+            with open(path, newline="") as f:
+                rows = [r for r in csv.DictReader(f) if int(r["iteration"]) <= resume_iteration]
+            self._rewrite(path, rows)
         new = not path.exists()
         self.file = open(path, "a", newline="")
         self.writer = csv.DictWriter(self.file, fieldnames=METRIC_FIELDS)
         if new:
             self.writer.writeheader()
+        self.tb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_iteration or None)
+
+    @staticmethod
+    def _rewrite(path: Path, rows: list[dict]) -> None:
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=METRIC_FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write_bytes(path, buffer.getvalue().encode())
 
     def write(self, **row) -> None:
         self.writer.writerow({k: row.get(k, "") for k in METRIC_FIELDS})
         self.file.flush()
+        if self.tb is not None:
+            for key in ("loss", "accuracy", "lr"):
+                if row.get(key, "") != "":
+                    self.tb.add_scalar(f"{row['phase']}/{key}", row[key], row["iteration"])
 
     def close(self) -> None:
         self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _finite(trainer: Trainer) -> bool:
+    return all(torch.isfinite(p).all() for p in flatten(trainer.params).values())
 
 
 def train(cfg: Config, tasks: TaskSource, run_dir: str | os.PathLike, device: torch.device,
-          progress: bool = True) -> dict:
-    """Meta-train for cfg.train.epochs x iters_per_epoch, validating after every epoch.
+          progress: bool = True, resume: bool = False, run_test: bool = True) -> dict:
+    """Meta-train cfg.train.epochs x iters_per_epoch, validating and checkpointing after every epoch.
 
-    Writes config.json, metrics.csv and summary.json into run_dir and returns the summary.
+    With resume, continues from RUN_DIR/checkpoints/latest.pt: parameters, optimiser, BN state, RNG
+    and the position in the (index-addressed) task stream, so a killed run ends where an
+    uninterrupted one would. Runs the test protocol at the end unless run_test is False.
     """
     from tqdm import tqdm
 
+    from . import checkpoint
+    from .evaluation import evaluate_run
+
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(run_dir / "config.json", cfg.to_dict())
-    trainer = Trainer(cfg, tasks, device)
-    log = MetricsLog(run_dir / "metrics.csv")
     t = cfg.train
+    trainer = Trainer(cfg, tasks, device)
+    start_epoch, elapsed = 0, 0.0
+    latest = checkpoint.checkpoint_dir(run_dir) / checkpoint.LATEST
+    if resume and latest.exists():
+        ckpt = checkpoint.load(latest, device)
+        trainer.load_state_dict(ckpt)
+        start_epoch, elapsed = ckpt["epoch"] + 1, ckpt["seconds"]
+    elif not resume and (run_dir / "config.json").exists():
+        raise FileExistsError(f"{run_dir} already holds a run: resume it with --resume {run_dir} or pick another --out")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        atomic_write_json(run_dir / "config.json", cfg.to_dict())
     total = t.epochs * t.iters_per_epoch
-    start = time.perf_counter()
-    bar = tqdm(total=total, disable=not progress, dynamic_ncols=True, desc=cfg.name)
+    done = start_epoch * t.iters_per_epoch
+    log = MetricsLog(run_dir, done if resume else None, t.tensorboard)
+    bar = tqdm(total=total, initial=done, disable=not progress, dynamic_ncols=True, desc=cfg.name)
+    start = time.perf_counter() - elapsed
+    higher_is_better = tasks.kind == "classification"
     try:
-        for epoch in range(t.epochs):
+        for epoch in range(start_epoch, t.epochs):
+            lr = cosine_lr(cfg, epoch)
+            bad = torch.zeros((), dtype=torch.bool, device=device)
             for it in range(t.iters_per_epoch):
                 iteration = epoch * t.iters_per_epoch + it
                 metrics = trainer.meta_step(tasks.train_batch(iteration, cfg.outer.meta_batch), epoch)
-                if (iteration + 1) % t.log_every == 0 or iteration + 1 == total:
+                bad |= ~torch.isfinite(metrics["meta_loss"])
+                if (iteration + 1) % t.log_every == 0 or it + 1 == t.iters_per_epoch:
+                    if bad.item():  # the only host sync, once per log interval
+                        raise NonFiniteLossError(
+                            f"meta-loss is not finite at iteration {iteration + 1} (epoch {epoch}); the run stopped "
+                            f"and keeps its last good checkpoint in {latest.parent}. Lower outer.lr, set "
+                            "outer.grad_clamp, or check the data")
                     values = {k: v.item() for k, v in metrics.items()}
-                    if not math.isfinite(values["meta_loss"]):
-                        raise FloatingPointError(
-                            f"meta-loss became {values['meta_loss']} at iteration {iteration} (epoch {epoch}); "
-                            "lower outer.lr or set outer.grad_clamp")
-                    lr = cosine_lr(cfg, epoch)
                     log.write(iteration=iteration + 1, epoch=epoch, phase="train", loss=values["loss"],
                               accuracy=values.get("accuracy", ""), lr=lr,
                               seconds=round(time.perf_counter() - start, 3))
-                    bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{lr:.2e}",
-                                    **({"acc": f"{values['accuracy']:.3f}"} if "accuracy" in values else {}))
+                    shown = {"loss": f"{values['loss']:.4f}", "lr": f"{lr:.2e}"}
+                    if "accuracy" in values:
+                        shown["acc"] = f"{values['accuracy']:.3f}"
+                    bar.set_postfix(shown)
                 bar.update(1)
+            if not _finite(trainer):
+                raise NonFiniteLossError(f"parameters are not finite after epoch {epoch}; the run keeps its last "
+                                         f"good checkpoint in {latest.parent}")
             val = trainer.evaluate("val")
-            log.write(iteration=(epoch + 1) * t.iters_per_epoch, epoch=epoch, phase="val", loss=val["loss"],
-                      accuracy=val.get("accuracy", ""), seconds=round(time.perf_counter() - start, 3))
-        final = final_metrics(trainer)
+            score = val["accuracy"] if higher_is_better else -val["loss"]
+            iteration = (epoch + 1) * t.iters_per_epoch
+            seconds = time.perf_counter() - start
+            log.write(iteration=iteration, epoch=epoch, phase="val", loss=val["loss"],
+                      accuracy=val.get("accuracy", ""), lr=lr, seconds=round(seconds, 3))
+            payload = {**trainer.state_dict(), "epoch": epoch, "iteration": iteration, "seconds": seconds,
+                       "val": val}
+            checkpoint.update_top_k(run_dir, payload, epoch, score, t.top_k)
+            checkpoint.save(latest, payload)  # written last: the resume point
     finally:
         bar.close()
         log.close()
-    summary = {"preset": cfg.name, "iterations": total, "seconds": round(time.perf_counter() - start, 3),
-               "final": final}
+    seconds = time.perf_counter() - start
+    final = evaluate_run(run_dir, device=device, tasks=tasks) if run_test else {}
+    summary = {"preset": cfg.name, "iterations": total, "seconds": round(seconds, 3), "final": final}
     atomic_write_json(run_dir / "summary.json", summary)
     return summary
-
-
-def final_metrics(trainer: Trainer) -> dict[str, float]:
-    """Held-out (test split) results of the final model."""
-    test = trainer.evaluate("test")
-    if trainer.tasks.kind == "regression":
-        before = trainer.evaluate("test", steps=0)
-        return {"mse_before_adaptation": before["loss"], "mse_after_adaptation": test["loss"],
-                "mse_after_adaptation_ci95": test["loss_ci95"], "num_tasks": test["num_tasks"],
-                "adaptation_steps": trainer.cfg.inner.test_steps}
-    return {"accuracy": test["accuracy"], "accuracy_ci95": test["accuracy_ci95"], "loss": test["loss"],
-            "num_tasks": test["num_tasks"]}
