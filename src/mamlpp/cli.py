@@ -37,9 +37,10 @@ def print_result(result: dict) -> None:
 
 
 def cmd_train(args) -> int:
+    from .distributed import init_from_env
     from .evaluation import load_run_config
     from .tasks import build_tasks
-    from .trainer import NonFiniteLossError, select_device, train
+    from .trainer import NonFiniteLossError, train
 
     if args.resume:
         if args.preset or args.overrides:
@@ -49,17 +50,18 @@ def cmd_train(args) -> int:
         if not args.preset or not args.out:
             raise ConfigError("train needs PRESET and --out RUN_DIR (or --resume RUN_DIR)")
         run_dir, cfg = args.out, resolve_config(args.preset, args.overrides)
-    device = select_device(cfg.train.device)
+    dist, device = init_from_env(cfg.train.device)  # one process, or a torchrun rank
     tasks = build_tasks(cfg, device, data_dir=args.data_dir)  # data problems surface before training
     try:
         summary = train(cfg, tasks, run_dir, device, progress=not args.no_progress, resume=bool(args.resume),
-                        run_test=not args.no_test)
+                        run_test=not args.no_test, dist=dist)
     except NonFiniteLossError as e:
         print(f"mamlpp: {e}", file=sys.stderr)
         return 1
-    print(f"run: {run_dir}  iterations: {summary['iterations']}  seconds: {summary['seconds']:.1f}")
-    if summary["final"]:
-        print_result(summary["final"])
+    if dist.main:
+        print(f"run: {run_dir}  iterations: {summary['iterations']}  seconds: {summary['seconds']:.1f}")
+        if summary["final"]:
+            print_result(summary["final"])
     return 0
 
 
@@ -109,6 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None)
     p.add_argument("--data-dir", default=None)
     p.set_defaults(func=cmd_eval)
+
+    from . import report
+
+    report.register(sub)
     return parser
 
 

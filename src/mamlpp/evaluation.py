@@ -14,6 +14,7 @@ import torch
 
 from . import checkpoint
 from .config import Config
+from .distributed import Dist
 from .files import atomic_write_json
 from .trainer import Trainer, select_device, summarise
 
@@ -26,8 +27,9 @@ def load_run_config(run_dir) -> Config:
 
 
 def evaluate_run(run_dir, device: torch.device | None = None, tasks=None, top_k: int | None = None,
-             data_dir: str | None = None, split: str = "test") -> dict:
-    """Evaluate a run's top-k checkpoints on the fixed test tasks; writes RUN_DIR/test.json."""
+                 data_dir: str | None = None, split: str = "test", dist: Dist = Dist()) -> dict:
+    """Evaluate a run's top-k checkpoints on the fixed test tasks; writes RUN_DIR/test.json.
+    Under torchrun the tasks are split across ranks and rank 0 writes the file."""
     from .tasks import build_tasks
 
     run_dir = Path(run_dir)
@@ -38,7 +40,7 @@ def evaluate_run(run_dir, device: torch.device | None = None, tasks=None, top_k:
     if not index:
         raise FileNotFoundError(f"no checkpoints in {checkpoint.checkpoint_dir(run_dir)}: train the run first")
     entries = index[: top_k or cfg.train.top_k]
-    trainer = Trainer(cfg, tasks, device)
+    trainer = Trainer(cfg, tasks, device, dist)
     outputs, singles = [], []
     for entry in entries:
         trainer.load_state_dict(checkpoint.load(checkpoint.checkpoint_dir(run_dir) / entry["file"], device))
@@ -64,5 +66,6 @@ def evaluate_run(run_dir, device: torch.device | None = None, tasks=None, top_k:
         out = {"mse_after_adaptation": ens["mse"], "ci95": ens["mse_ci95"], "num_tasks": ens["num_tasks"],
                "mse_before_adaptation": before["mse"], "single_model_mse_after_adaptation": single["mse"],
                "single_model_ci95": single["mse_ci95"], **common}
-    atomic_write_json(run_dir / f"{split}.json", out)
+    if dist.main:
+        atomic_write_json(run_dir / f"{split}.json", out)
     return out

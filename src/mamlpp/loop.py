@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from .config import Config
 from .inner import step_rate
 from .network import BN_EPS, MLP, activation
-from .objective import task_accuracy, task_losses
+from .objective import Shard, task_accuracy, task_losses
 from .schedules import second_order_at, step_weights
 
 Tree = dict[str, torch.Tensor]
@@ -81,7 +81,9 @@ def _run_task(model, params, state, xs, ys, xq, yq, cfg: Config, kind: str, step
     return loss, out
 
 
-def meta_loss_loop(model, params, state, episodes, cfg: Config, epoch: int, kind: str):
+def meta_loss_loop(model, params, state, episodes, cfg: Config, epoch: int, kind: str, shard: Shard = Shard()):
+    if shard.all_reduce is not None:
+        raise ValueError("the per-task loop is a single-process oracle; use train.impl=parallel with torchrun")
     steps = cfg.inner.steps
     weights = step_weights(cfg, epoch, steps, training=True)
     create_graph = second_order_at(cfg, epoch)
@@ -94,7 +96,7 @@ def meta_loss_loop(model, params, state, episodes, cfg: Config, epoch: int, kind
         losses.append(loss)
         outs.append(out)
     losses, out = torch.stack(losses), torch.stack(outs)
-    loss = losses.sum() if cfg.outer.task_reduction == "sum" else losses.mean()
+    loss = shard.combine(losses, cfg.outer.task_reduction)
     with torch.no_grad():
         metrics = {"loss": task_losses(kind, out, episodes["yq"]).mean()}
         if kind == "classification":

@@ -72,32 +72,33 @@ def batch_norm(h: torch.Tensor, bn: Tree, state: Tree, name: str, slot: int, tas
     return out, stats
 
 
-def update_running_stats(state: Tree, passes: list[tuple[int, dict]], momentum: float) -> Tree:
+def update_running_stats(state: Tree, passes: list[tuple[int, dict]], momentum: float, shard=None) -> Tree:
     """BNRS: fold the batch statistics of one meta-batch into the per-step running statistics.
 
     `passes` lists (slot, {layer: (mean [B, C], var [B, C])}) in the order the reference visits
     them for one task (support pass of step i, then its query pass). The reference processes tasks
     one after another, each pass applying r <- (1 - m) r + m s; the closed form of that sequence,
     task-major, is r_M = (1-m)^M r_0 + sum_j m (1-m)^(M-j) s_j, computed here without a task loop.
-    Returns a new state; the input is not modified.
+    With a shard (tasks split across processes) each process adds its tasks' terms at their global
+    positions and the sums are all-reduced. Returns a new state; the input is not modified.
     """
-    if not state:
-        return state
+    from .objective import Shard
+
+    shard = shard or Shard()
     new = dict(state)
-    slots = sorted({slot for slot, _ in passes})
-    for slot in slots:
+    for slot in sorted({slot for slot, _ in passes}):
         per_task = [stats for s, stats in passes if s == slot]  # passes of one task, in order
         for layer in per_task[0]:
             means = torch.stack([p[layer][0] for p in per_task], 1)  # [B, P, C]
             vars_ = torch.stack([p[layer][1] for p in per_task], 1)
             tasks, count = means.shape[:2]
-            total = tasks * count
-            order = torch.arange(1, total + 1, dtype=means.dtype, device=means.device)
+            total = (shard.total or tasks) * count
+            order = torch.arange(1, tasks * count + 1, dtype=means.dtype, device=means.device) + shard.offset * count
             coef = (momentum * (1 - momentum) ** (total - order)).view(tasks, count, 1)
             decay = (1 - momentum) ** total
             for key, batch in ((f"{layer}.mean", means), (f"{layer}.var", vars_)):
                 updated = new[key].clone()
-                updated[slot] = decay * new[key][slot] + (coef * batch).sum((0, 1))
+                updated[slot] = decay * new[key][slot] + shard.reduce((coef * batch).sum((0, 1)))
                 new[key] = updated
     return new
 

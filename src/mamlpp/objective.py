@@ -7,6 +7,9 @@ evaluate    validation/test: the final-step query predictions after adaptation, 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable, Optional
+
 import torch
 import torch.nn.functional as F
 
@@ -16,6 +19,27 @@ from .network import update_running_stats
 from .schedules import second_order_at, step_weights
 
 Tree = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Shard:
+    """This process's slice of the meta-batch when its tasks are split across processes.
+
+    offset: global index of the first local task; total: tasks in the whole meta-batch (None: the
+    local count, i.e. one process); all_reduce: sums a tensor over processes in place.
+    """
+    offset: int = 0
+    total: Optional[int] = None
+    all_reduce: Optional[Callable[[torch.Tensor], None]] = None
+
+    def reduce(self, t: torch.Tensor) -> torch.Tensor:
+        if self.all_reduce is not None:
+            self.all_reduce(t)
+        return t
+
+    def combine(self, losses: torch.Tensor, reduction: str) -> torch.Tensor:
+        """The local share of the meta-loss: summing it over processes gives the whole loss."""
+        return losses.sum() if reduction == "sum" else losses.sum() / (self.total or losses.numel())
 
 
 def task_losses(kind: str, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -68,8 +92,10 @@ def adapt_and_score(model, params: dict[str, Tree], state: Tree, episodes: dict,
     return total, out, passes
 
 
-def meta_loss(model, params: dict[str, Tree], state: Tree, episodes: dict, cfg: Config, epoch: int, kind: str):
-    """Training meta-loss of one meta-batch. Returns (loss, metrics, new_state).
+def meta_loss(model, params: dict[str, Tree], state: Tree, episodes: dict, cfg: Config, epoch: int, kind: str,
+              shard: Shard = Shard()):
+    """Training meta-loss of one meta-batch (or of this process's shard of it).
+    Returns (loss, metrics, new_state).
 
     metrics holds detached tensors (no host sync): the final-step query loss and accuracy averaged
     over tasks, which is what the reference logs.
@@ -79,8 +105,8 @@ def meta_loss(model, params: dict[str, Tree], state: Tree, episodes: dict, cfg: 
     losses, out, passes = adapt_and_score(model, params, state, episodes, cfg, kind=kind, steps=steps,
                                           weights=weights, create_graph=second_order_at(cfg, epoch),
                                           training=True)
-    loss = losses.sum() if cfg.outer.task_reduction == "sum" else losses.mean()
-    new_state = update_running_stats(state, passes, cfg.model.bn_momentum) if state else state
+    loss = shard.combine(losses, cfg.outer.task_reduction)
+    new_state = update_running_stats(state, passes, cfg.model.bn_momentum, shard) if state else state
     with torch.no_grad():
         metrics = {"loss": task_losses(kind, out, episodes["yq"]).mean()}
         if kind == "classification":

@@ -19,12 +19,13 @@ from pathlib import Path
 
 import torch
 
-from .config import Config
+from .config import Config, ConfigError
+from .distributed import Dist
 from .files import atomic_write_bytes, atomic_write_json
 from .inner import init_rates
 from .loop import evaluate_loop, meta_loss_loop
 from .network import build_model
-from .objective import evaluate, meta_loss
+from .objective import Shard, evaluate, meta_loss
 from .schedules import cosine_lr
 from .tasks import TaskSource
 
@@ -58,10 +59,17 @@ def flatten(params: dict[str, Tree]) -> dict[str, torch.Tensor]:
 
 
 class Trainer:
-    """Holds the explicit training state (params, BN state, Adam) and runs meta-updates."""
+    """Holds the explicit training state (params, BN state, Adam) and runs meta-updates.
 
-    def __init__(self, cfg: Config, tasks: TaskSource, device: torch.device):
-        self.cfg, self.tasks, self.device = cfg, tasks, device
+    Under torchrun (`dist`), each process takes its share of every meta-batch's tasks and of the
+    evaluation tasks; gradients and running statistics are all-reduced, results gathered.
+    """
+
+    def __init__(self, cfg: Config, tasks: TaskSource, device: torch.device, dist: Dist = Dist()):
+        if dist.world > cfg.outer.meta_batch:
+            raise ConfigError(f"outer.meta_batch={cfg.outer.meta_batch} is smaller than the {dist.world} processes; "
+                              "every process needs at least one task")
+        self.cfg, self.tasks, self.device, self.dist = cfg, tasks, device, dist
         self.dtype = getattr(torch, cfg.train.dtype)
         self.model, self.params, self.state = init_learner(
             cfg, tasks.input_shape, tasks.num_outputs, device, self.dtype, cfg.train.seed)
@@ -81,9 +89,23 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
+        shard = Shard()
+        if self.dist.active:
+            total = self.cfg.outer.meta_batch
+            lo, hi = self.dist.share(total)
+            episodes = {k: v[lo:hi] for k, v in episodes.items()}
+            shard = Shard(offset=lo, total=total, all_reduce=self.dist.all_reduce)
         loss, metrics, self.state = self._meta_loss(self.model, self.params, self.state, episodes,
-                                                    self.cfg, epoch, self.tasks.kind)
+                                                    self.cfg, epoch, self.tasks.kind, shard)
         loss.backward()
+        if self.dist.active:
+            self.dist.all_reduce_grads(self.optimizer.param_groups[0]["params"])
+            share = (hi - lo) / total  # metrics are local means: weight them by the share of tasks
+            for k in metrics:
+                metrics[k] = metrics[k] * share
+                self.dist.all_reduce(metrics[k])
+            loss = loss.detach().clone()
+            self.dist.all_reduce(loss)
         if self.cfg.outer.grad_clamp is not None:
             c = self.cfg.outer.grad_clamp
             for p in self.clamped:
@@ -120,14 +142,16 @@ class Trainer:
         {"loss": [T], "accuracy": [T] (classification), "output": [T, n, ...], "target": [T, n, ...]}."""
         num_tasks = num_tasks or self.cfg.train.eval_tasks
         chunk = self.cfg.train.eval_chunk
+        lo, hi = self.dist.share(num_tasks)
         parts = []
-        for first in range(0, num_tasks, chunk):
-            episodes = self.tasks.eval_batch(split, first, min(chunk, num_tasks - first))
+        for first in range(lo, hi, chunk):
+            episodes = self.tasks.eval_batch(split, first, min(chunk, hi - first))
             result = self._evaluate(self.model, self.params, self.state, episodes, self.cfg,
                                     self.tasks.kind, steps)
             result["target"] = episodes["yq"]
             parts.append(result)
-        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        local = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        return {k: self.dist.gather(v, num_tasks) for k, v in local.items()}
 
     def evaluate(self, split: str, num_tasks: int | None = None, steps: int | None = None) -> dict[str, float]:
         """Mean loss/accuracy and 95% CI over the fixed tasks of a split."""
@@ -198,12 +222,13 @@ def _finite(trainer: Trainer) -> bool:
 
 
 def train(cfg: Config, tasks: TaskSource, run_dir: str | os.PathLike, device: torch.device,
-          progress: bool = True, resume: bool = False, run_test: bool = True) -> dict:
+          progress: bool = True, resume: bool = False, run_test: bool = True, dist: Dist = Dist()) -> dict:
     """Meta-train cfg.train.epochs x iters_per_epoch, validating and checkpointing after every epoch.
 
     With resume, continues from RUN_DIR/checkpoints/latest.pt: parameters, optimiser, BN state, RNG
     and the position in the (index-addressed) task stream, so a killed run ends where an
     uninterrupted one would. Runs the test protocol at the end unless run_test is False.
+    Under torchrun every rank trains its share; only rank 0 writes to run_dir.
     """
     from tqdm import tqdm
 
@@ -212,7 +237,7 @@ def train(cfg: Config, tasks: TaskSource, run_dir: str | os.PathLike, device: to
 
     run_dir = Path(run_dir)
     t = cfg.train
-    trainer = Trainer(cfg, tasks, device)
+    trainer = Trainer(cfg, tasks, device, dist)
     start_epoch, elapsed = 0, 0.0
     latest = checkpoint.checkpoint_dir(run_dir) / checkpoint.LATEST
     if resume and latest.exists():
@@ -221,13 +246,15 @@ def train(cfg: Config, tasks: TaskSource, run_dir: str | os.PathLike, device: to
         start_epoch, elapsed = ckpt["epoch"] + 1, ckpt["seconds"]
     elif not resume and (run_dir / "config.json").exists():
         raise FileExistsError(f"{run_dir} already holds a run: resume it with --resume {run_dir} or pick another --out")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if not resume:
-        atomic_write_json(run_dir / "config.json", cfg.to_dict())
+    dist.barrier()  # every rank has checked run_dir before rank 0 writes into it
+    if dist.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not resume:
+            atomic_write_json(run_dir / "config.json", cfg.to_dict())
     total = t.epochs * t.iters_per_epoch
     done = start_epoch * t.iters_per_epoch
-    log = MetricsLog(run_dir, done if resume else None, t.tensorboard)
-    bar = tqdm(total=total, initial=done, disable=not progress, dynamic_ncols=True, desc=cfg.name)
+    log = MetricsLog(run_dir, done if resume else None, t.tensorboard) if dist.main else None
+    bar = tqdm(total=total, initial=done, disable=not (progress and dist.main), dynamic_ncols=True, desc=cfg.name)
     start = time.perf_counter() - elapsed
     higher_is_better = tasks.kind == "classification"
     try:
@@ -245,7 +272,7 @@ def train(cfg: Config, tasks: TaskSource, run_dir: str | os.PathLike, device: to
                             f"and keeps its last good checkpoint in {latest.parent}. Lower outer.lr, set "
                             "outer.grad_clamp, or check the data")
                     values = {k: v.item() for k, v in metrics.items()}
-                    log.write(iteration=iteration + 1, epoch=epoch, phase="train", loss=values["loss"],
+                    log and log.write(iteration=iteration + 1, epoch=epoch, phase="train", loss=values["loss"],
                               accuracy=values.get("accuracy", ""), lr=lr,
                               seconds=round(time.perf_counter() - start, 3))
                     shown = {"loss": f"{values['loss']:.4f}", "lr": f"{lr:.2e}"}
@@ -260,17 +287,21 @@ def train(cfg: Config, tasks: TaskSource, run_dir: str | os.PathLike, device: to
             score = val["accuracy"] if higher_is_better else -val["loss"]
             iteration = (epoch + 1) * t.iters_per_epoch
             seconds = time.perf_counter() - start
-            log.write(iteration=iteration, epoch=epoch, phase="val", loss=val["loss"],
-                      accuracy=val.get("accuracy", ""), lr=lr, seconds=round(seconds, 3))
-            payload = {**trainer.state_dict(), "epoch": epoch, "iteration": iteration, "seconds": seconds,
-                       "val": val}
-            checkpoint.update_top_k(run_dir, payload, epoch, score, t.top_k)
-            checkpoint.save(latest, payload)  # written last: the resume point
+            if dist.main:
+                log.write(iteration=iteration, epoch=epoch, phase="val", loss=val["loss"],
+                          accuracy=val.get("accuracy", ""), lr=lr, seconds=round(seconds, 3))
+                payload = {**trainer.state_dict(), "epoch": epoch, "iteration": iteration, "seconds": seconds,
+                           "val": val}
+                checkpoint.update_top_k(run_dir, payload, epoch, score, t.top_k)
+                checkpoint.save(latest, payload)  # written last: the resume point
     finally:
         bar.close()
-        log.close()
+        if log:
+            log.close()
     seconds = time.perf_counter() - start
-    final = evaluate_run(run_dir, device=device, tasks=tasks) if run_test else {}
+    dist.barrier()  # rank 0's checkpoints are on disk before anyone reads them
+    final = evaluate_run(run_dir, device=device, tasks=tasks, dist=dist) if run_test else {}
     summary = {"preset": cfg.name, "iterations": total, "seconds": round(seconds, 3), "final": final}
-    atomic_write_json(run_dir / "summary.json", summary)
+    if dist.main:
+        atomic_write_json(run_dir / "summary.json", summary)
     return summary

@@ -1,0 +1,118 @@
+"""`mamlpp bench`: time full meta-training iterations and evaluation passes of a preset.
+
+A timed iteration is what training does: forward through the inner loop, the meta-backward and the
+optimiser step, on task batches sampled beforehand (sampling is timed on its own). Peak memory is
+CUDA's max allocated on a GPU and the process's peak resident set size during the path on a CPU.
+With impl=both, both paths run in one process on the same batches and the ratio is printed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import platform
+import statistics
+import threading
+import time
+
+import torch
+
+from .config import Config
+from .trainer import Trainer
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{model} ({torch.get_num_threads()} threads)"
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+class PeakMemory:
+    """Peak memory over a block: CUDA max allocated, or sampled process RSS on a CPU."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.peak, self._stop = device, 0.0, threading.Event()
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        elif os.path.exists("/proc/self/statm"):
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.is_set():
+            self.peak = max(self.peak, _rss_mb())
+            time.sleep(0.002)
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            self.peak = torch.cuda.max_memory_allocated(self.device) / 2**20
+        elif hasattr(self, "_thread"):
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self.peak, _rss_mb())
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench_path(cfg: Config, tasks, device: torch.device, impl: str, iters: int, warmup: int,
+               epoch: int = 0, eval_tasks: int | None = None) -> dict:
+    """Time one implementation ('parallel' or 'loop') of a preset on this device."""
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, impl=impl))
+    B = cfg.outer.meta_batch
+    t0 = time.perf_counter()
+    batches = [tasks.train_batch(i, B) for i in range(warmup + iters)]
+    _sync(device)
+    sample_seconds = (time.perf_counter() - t0) / len(batches)
+    trainer = Trainer(cfg, tasks, device)
+    times = []
+    with PeakMemory(device) as memory:
+        for i, batch in enumerate(batches):
+            _sync(device)
+            start = time.perf_counter()
+            trainer.meta_step(batch, epoch)
+            _sync(device)
+            if i >= warmup:
+                times.append(time.perf_counter() - start)
+    result = {
+        "impl": impl, "preset": cfg.name, "meta_batch": B, "ways": cfg.data.ways, "shots": cfg.data.shots,
+        "queries": cfg.data.queries, "inner_steps": cfg.inner.steps, "filters": cfg.model.filters,
+        "second_order": cfg.inner.second_order and epoch > cfg.inner.da_epochs,
+        "msl": cfg.outer.msl and epoch < cfg.outer.msl_epochs, "dtype": cfg.train.dtype, "iters": iters,
+        "seconds_per_iter_median": statistics.median(times), "seconds_per_iter_min": min(times),
+        "seconds_per_iter_max": max(times), "tasks_per_second": B / statistics.median(times),
+        "sampling_seconds_per_iter": sample_seconds, "peak_memory_mb": round(memory.peak, 1),
+        "device_name": device_name(device), "torch_version": torch.__version__,
+    }
+    if eval_tasks:
+        trainer.evaluate("val", num_tasks=min(eval_tasks, cfg.train.eval_chunk))  # warm-up
+        _sync(device)
+        start = time.perf_counter()
+        trainer.evaluate("val", num_tasks=eval_tasks)
+        _sync(device)
+        result["eval_tasks"], result["eval_seconds"] = eval_tasks, time.perf_counter() - start
+    return result
+
+
+def format_result(r: dict) -> str:
+    text = (f"{r['impl']:>8}: {r['seconds_per_iter_median'] * 1e3:9.1f} ms/iter (min {r['seconds_per_iter_min'] * 1e3:.1f}, "
+            f"max {r['seconds_per_iter_max'] * 1e3:.1f}), {r['tasks_per_second']:.1f} tasks/s, "
+            f"peak {r['peak_memory_mb']:.0f} MB, sampling {r['sampling_seconds_per_iter'] * 1e3:.2f} ms/iter")
+    if "eval_seconds" in r:
+        text += f", {r['eval_tasks']} eval tasks in {r['eval_seconds']:.2f} s"
+    return text

@@ -1,0 +1,80 @@
+"""Data parallelism over tasks with torch.distributed (launched by torchrun).
+
+Every process samples the same meta-batch (sampling is index-addressed and cheap), keeps its
+contiguous share of the tasks, and the meta-gradient is all-reduced explicitly after backward:
+functional inner loops and DistributedDataParallel's hooks do not mix. Evaluation tasks are split
+the same way and gathered. Only rank 0 writes files.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+    def share(self, count: int) -> tuple[int, int]:
+        """[lo, hi) of `count` items that this process handles: contiguous, sizes differ by <= 1."""
+        return count * self.rank // self.world, count * (self.rank + 1) // self.world
+
+    def all_reduce(self, t: torch.Tensor) -> None:
+        if self.active:
+            dist.all_reduce(t)
+
+    def all_reduce_grads(self, tensors: list[torch.Tensor]) -> None:
+        """Sum gradients over processes in one flat buffer (one collective, not one per tensor)."""
+        if not self.active:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in tensors]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        offset = 0
+        for p, g in zip(tensors, grads):
+            p.grad = flat[offset: offset + g.numel()].view_as(g)
+            offset += g.numel()
+
+    def gather(self, t: torch.Tensor, count: int) -> torch.Tensor:
+        """Concatenate every process's share (along dim 0) of `count` items, in rank order."""
+        if not self.active:
+            return t
+        largest = max(hi - lo for lo, hi in (Dist(r, self.world).share(count) for r in range(self.world)))
+        padded = torch.zeros((largest, *t.shape[1:]), dtype=t.dtype, device=t.device)
+        padded[: t.shape[0]] = t
+        parts = [torch.empty_like(padded) for _ in range(self.world)]
+        dist.all_gather(parts, padded)
+        sizes = [hi - lo for lo, hi in (Dist(r, self.world).share(count) for r in range(self.world))]
+        return torch.cat([p[:n] for p, n in zip(parts, sizes)])
+
+    def barrier(self) -> None:
+        if self.active:
+            dist.barrier()
+
+
+def init_from_env(device: str) -> tuple[Dist, torch.device]:
+    """(Dist, device) for this process: one process alone, or a torchrun rank (NCCL on GPUs, gloo on CPUs)."""
+    from .trainer import select_device
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist(), select_device(device)
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = device != "cpu" and torch.cuda.is_available()
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return Dist(rank, world), torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
