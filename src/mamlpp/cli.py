@@ -119,7 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # Overrides may follow options (`train P --out R inner.steps=3`): argparse leaves them unknown.
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        if not hasattr(args, "overrides") or any(u.startswith("-") or "=" not in u for u in unknown):
+            parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        args.overrides = list(args.overrides or []) + unknown
     try:
         return args.func(args)
     except (ConfigError, FileNotFoundError, FileExistsError) as e:
