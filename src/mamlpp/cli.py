@@ -13,6 +13,15 @@ def resolve_config(preset: str, overrides: list[str]) -> Config:
     return apply_budget(apply_overrides(get_preset(preset), overrides))
 
 
+def resolve_data_config(preset: str | None, dataset: str | None, overrides: list[str]) -> Config:
+    """`mamlpp data ...` takes a preset, or just --dataset NAME, plus overrides."""
+    if preset:
+        return resolve_config(preset, overrides)
+    if not dataset:
+        raise ConfigError("give a PRESET or --dataset NAME (omniglot, mini_imagenet, folder)")
+    return apply_overrides(Config(name=dataset), [f"data.dataset={dataset}", *overrides])
+
+
 def cmd_presets(args) -> int:
     width = max(map(len, PRESETS))
     for name, preset in PRESETS.items():
@@ -113,8 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     from . import report
+    from .data import cli as data_cli
 
     report.register(sub)
+    data_cli.register(sub, resolve_data_config)
     return parser
 
 
@@ -126,9 +137,11 @@ def main(argv: list[str] | None = None) -> int:
         if not hasattr(args, "overrides") or any(u.startswith("-") or "=" not in u for u in unknown):
             parser.error(f"unrecognized arguments: {' '.join(unknown)}")
         args.overrides = list(args.overrides or []) + unknown
+    from .data import DataError
+
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError, FileExistsError) as e:
+    except (ConfigError, DataError, FileNotFoundError, FileExistsError) as e:
         print(f"mamlpp: {e}", file=sys.stderr)
         return 2
 

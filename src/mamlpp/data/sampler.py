@@ -1,0 +1,176 @@
+"""N-way K-shot episodes drawn from uint8 images held on the training device.
+
+Every task is a pure function of (split key, task index): its own torch.Generator, seeded from a
+hash of both, draws (in this order) a permutation of the split's classes (the first N are the
+task's classes, their order is the label order), a rotation code per class (drawn even when
+unused, so augmentation on/off does not change which images a task gets), and one uniform number
+per image slot of each class, whose argsort picks K+T distinct images. The gather itself is one
+tensor index on the device, plus one gather for rotations; no per-image Python work.
+
+Seeds: the training stream depends on train.seed; validation and test task sets do not (they are
+the same fixed tasks for every run, like the reference's fixed val seed), and each split has its
+own key, so no two splits share task seeds (unlike the reference, spec 10 #14).
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .common import IMAGENET_MEAN, IMAGENET_STD, DataError, ImageSet
+
+Episodes = dict[str, torch.Tensor]
+
+
+def task_seed(key: str, index: int) -> int:
+    """A well-mixed 64-bit seed for task `index` of the stream named `key`. (torch's CPU
+    generator keeps 32 bits of it; a rare collision only repeats one task.)"""
+    return int.from_bytes(hashlib.blake2b(f"{key}:{index}".encode(), digest_size=8).digest(), "little")
+
+
+@dataclass
+class _SplitTable:
+    classes: torch.Tensor  # int64 [n] global class ids
+    start: torch.Tensor  # int64 [n] first image of each class
+    count: torch.Tensor  # int64 [n] images per class
+    rotation: torch.Tensor  # int64 [n] fixed rotation code per class (Vinyals), else 0
+    width: int  # max(count)
+
+
+def images_to_device(images: np.ndarray, device: torch.device) -> torch.Tensor:
+    """uint8 images as a tensor on `device`. On the CPU the cache's memory map is used as it is
+    (no copy); for an accelerator it is copied over in chunks, never as a whole host copy."""
+    if device.type == "cpu":
+        return torch.from_numpy(images if images.flags.writeable else np.array(images))
+    out = torch.empty(images.shape, dtype=torch.uint8, device=device)
+    step = max(1, (256 << 20) // max(1, int(np.prod(images.shape[1:]))))
+    for i in range(0, len(images), step):
+        out[i:i + step].copy_(torch.from_numpy(np.ascontiguousarray(images[i:i + step])))
+    return out
+
+
+class ImageTasks:
+    """A TaskSource (see mamlpp.tasks) of N-way K-shot T-query image classification episodes."""
+
+    kind = "classification"
+
+    def __init__(self, data: ImageSet, ways: int, shots: int, queries: int, seed: int, augment: bool,
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+        self.data = data
+        self.ways, self.shots, self.queries = ways, shots, queries
+        self.input_shape = tuple(int(d) for d in data.images.shape[1:])
+        self.num_outputs = ways
+        self.device, self.dtype = torch.device(device), dtype
+        self.augment = augment  # random k*90 degree rotation per class, training tasks only
+        self._check_sizes()
+        counts = torch.as_tensor(data.counts, dtype=torch.int64)
+        offsets = torch.as_tensor(data.offsets, dtype=torch.int64)
+        self._tables = {}
+        for name, split in data.splits.items():
+            cls = torch.as_tensor(split.classes, dtype=torch.int64)
+            self._tables[name] = _SplitTable(cls, offsets[cls], counts[cls],
+                                             torch.as_tensor(split.rotations, dtype=torch.int64),
+                                             int(counts[cls].max()))
+        self._keys = {name: f"{name}/seed={seed}" if name == "train" else f"{name}/fixed" for name in data.splits}
+        self.images = images_to_device(data.images, self.device)
+        c, h, w = self.input_shape
+        self._perms = None
+        if augment or any(s.rotations.any() for s in data.splits.values()):
+            if h != w:
+                raise DataError(f"{data.dataset}: rotation needs square images, these are {h}x{w}")
+            # rot90 as a pixel permutation: rotated.flat = image.flat[perm[k]], same direction as np.rot90.
+            grid = torch.arange(h * w).view(h, w)
+            self._perms = torch.stack([torch.rot90(grid, k).reshape(-1) for k in range(4)]).to(self.device)
+        self._scale = self._shift = None
+        if data.norm != "none":
+            mean = torch.tensor(IMAGENET_MEAN if data.norm == "imagenet" else (0.0,) * c, dtype=torch.float64)
+            std = torch.tensor(IMAGENET_STD if data.norm == "imagenet" else (1.0,) * c, dtype=torch.float64)
+            # (x/255 - mean)/std as x*scale + shift, applied in place
+            self._scale = (1.0 / (255.0 * std)).to(dtype).view(c, 1, 1).to(self.device)
+            self._shift = (-mean / std).to(dtype).view(c, 1, 1).to(self.device)
+
+    def _check_sizes(self) -> None:
+        n_way, need = self.ways, self.shots + self.queries
+        counts = self.data.counts
+        for name, split in self.data.splits.items():
+            if len(split.classes) < n_way:
+                raise DataError(f"{self.data.dataset}: split '{name}' has {len(split.classes)} classes, "
+                                f"fewer than data.ways={n_way}")
+            small = np.flatnonzero(counts[split.classes] < need)
+            if len(small):
+                i = small[0]
+                raise DataError(f"{self.data.dataset}: split '{name}', class {split.names[i]} has "
+                                f"{counts[split.classes[i]]} images, fewer than data.shots + data.queries = "
+                                f"{self.shots}+{self.queries}" + (f" ({len(small)} such classes)" if len(small) > 1 else ""))
+
+    def split_sizes(self) -> dict[str, dict[str, int]]:
+        return self.data.split_sizes()
+
+    def plan(self, split: str, indices: Sequence[int]) -> dict[str, torch.Tensor]:
+        """What tasks `indices` of `split` contain (CPU tensors): global class ids [B, N] in label
+        order, rotation codes [B, N] (k of np.rot90), image indices [B, N, K+T] (support first)."""
+        if split not in self._tables:
+            raise ValueError(f"unknown split {split!r}; expected one of {', '.join(self._tables)}")
+        t, n, m = self._tables[split], self.ways, self.shots + self.queries
+        key, g = self._keys[split], torch.Generator()
+        cls, rot, u = [], [], []
+        for i in indices:
+            g.manual_seed(task_seed(key, int(i)))
+            cls.append(torch.randperm(len(t.classes), generator=g)[:n])
+            rot.append(torch.randint(0, 4, (n,), generator=g))
+            u.append(torch.rand(n, t.width, generator=g))
+        cls, rot, u = torch.stack(cls), torch.stack(rot), torch.stack(u)
+        # Slots past a class's image count sort last, so the first K+T positions are distinct images.
+        u.masked_fill_(torch.arange(t.width) >= t.count[cls].unsqueeze(-1), 2.0)
+        images = t.start[cls].unsqueeze(-1) + u.argsort(dim=-1)[..., :m]
+        rotation = t.rotation[cls] + (rot if split == "train" and self.augment else 0)
+        return {"classes": t.classes[cls], "rotations": rotation % 4, "images": images}
+
+    def episodes(self, split: str, indices: Sequence[int]) -> Episodes:
+        p = self.plan(split, indices)
+        n, k = self.ways, self.shots
+        rotations = p["rotations"] if self._perms is not None and bool(p["rotations"].any()) else None
+        labels = torch.arange(n, device=self.device)
+        return {
+            "xs": self._gather(p["images"][..., :k], rotations),
+            "ys": labels.repeat_interleave(k).repeat(len(indices), 1),
+            "xq": self._gather(p["images"][..., k:], rotations),
+            "yq": labels.repeat_interleave(self.queries).repeat(len(indices), 1),
+        }
+
+    def _gather(self, index: torch.Tensor, rotations: torch.Tensor | None) -> torch.Tensor:
+        """Images index [B, N, M] (class-major) -> float [B, N*M, C, H, W], rotated and normalised.
+        Support and query are gathered separately, and normalised in place, so a large evaluation
+        chunk never holds more than its output plus the uint8 gather."""
+        b, n, m = index.shape
+        c, h, w = self.input_shape
+        x = self.images.index_select(0, index.reshape(-1).to(self.device))  # uint8 [B*N*M, C, H, W]
+        if rotations is not None:
+            x = x.view(b * n, m, c, h * w)
+            perm = self._perms[rotations.view(-1).to(self.device)]  # [B*N, H*W]
+            x = x.gather(3, perm[:, None, None, :].expand(-1, m, c, -1))
+        x = x.view(b, n * m, c, h, w).to(self.dtype)
+        if self._scale is not None:
+            x.mul_(self._scale).add_(self._shift)
+        return x
+
+    def train_batch(self, iteration: int, batch_size: int) -> Episodes:
+        """Tasks iteration*batch_size .. (iteration+1)*batch_size-1 of the training stream."""
+        start = iteration * batch_size
+        return self.episodes("train", range(start, start + batch_size))
+
+    def eval_batch(self, split: str, first: int, count: int) -> Episodes:
+        """Tasks first .. first+count-1 of the fixed validation or test set."""
+        if split not in ("val", "test"):
+            raise ValueError(f"eval_batch: split must be 'val' or 'test', not {split!r}")
+        return self.episodes(split, range(first, first + count))
+
+    def to_uint8(self, x: torch.Tensor) -> np.ndarray:
+        """Undo the normalisation: float [..., C, H, W] -> the cached uint8 values."""
+        x = x.detach().to("cpu", torch.float64)
+        if self._scale is not None:
+            x = (x - self._shift.cpu().double()) / self._scale.cpu().double()
+        return x.round().clamp(0, 255).to(torch.uint8).numpy()
