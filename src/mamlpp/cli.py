@@ -121,10 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=None)
     p.set_defaults(func=cmd_eval)
 
-    from . import report
+    from . import bench, report, sweep
     from .data import cli as data_cli
 
+    bench.register(sub)
     report.register(sub)
+    sweep.register(sub)
     data_cli.register(sub, resolve_data_config)
     return parser
 
