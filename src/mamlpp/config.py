@@ -139,6 +139,17 @@ def valid_keys(cfg: Config | None = None) -> list[str]:
     return [f"{s}.{f.name}" for s in SECTIONS for f in dataclasses.fields(getattr(cfg, s))]
 
 
+def flat_keys(d: dict, prefix: str = "") -> dict:
+    """{'inner': {'steps': 5}} -> {'inner.steps': 5}: a config dict keyed as overrides are."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flat_keys(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def _parse(text: str, tp, key: str):
     origin = typing.get_origin(tp)
     if origin is typing.Union:  # Optional[X]

@@ -25,7 +25,7 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import Config, ConfigError
+from .config import Config, ConfigError, flat_keys
 from .presets import PRESETS, get_preset
 
 
@@ -150,16 +150,6 @@ class Run:
             raise ConfigError(f"{self.path / 'config.json'}: {e}") from e
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def _json_value(v):
     return json.loads(json.dumps(v))  # tuples -> lists, as in config.json
 
@@ -168,7 +158,7 @@ def _differences(config: dict) -> list[str]:
     name = config.get("name", "")
     if name not in PRESETS:
         return []
-    ours, preset = _flat(config), _flat(get_preset(name).to_dict())
+    ours, preset = flat_keys(config), flat_keys(get_preset(name).to_dict())
     out = []
     for key in sorted(set(ours) | set(preset)):
         if key in _IGNORED_KEYS or key == "name":

@@ -36,7 +36,7 @@ import typing
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import Config, ConfigError, resolve_key, valid_keys
+from .config import Config, ConfigError, flat_keys, resolve_key, valid_keys
 from .presets import get_preset
 
 EXECUTORS = ("local", "submitit-local", "slurm")
@@ -182,20 +182,10 @@ def plan_sweep(preset: str, seeds: list[int], items: list[str], out: str | os.Pa
     return plain, axes, runs
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def config_differences(run_dir: str | os.PathLike, cfg: Config) -> list[str]:
     """'key: old -> new' for each key where RUN_DIR/config.json differs from cfg (compatible keys aside)."""
-    stored = _flat(json.loads((Path(run_dir) / "config.json").read_text()))
-    wanted = _flat(json.loads(cfg.to_json()))  # tuples become lists, as in config.json
+    stored = flat_keys(json.loads((Path(run_dir) / "config.json").read_text()))
+    wanted = flat_keys(json.loads(cfg.to_json()))  # tuples become lists, as in config.json
     out = []
     for key in sorted(set(stored) | set(wanted)):
         if key in _COMPATIBLE_KEYS:

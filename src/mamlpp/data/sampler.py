@@ -13,22 +13,16 @@ own key, so no two splits share task seeds (unlike the reference, spec 10 #14).
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 import torch
 
+from ..tasks import task_seed
 from .common import IMAGENET_MEAN, IMAGENET_STD, DataError, ImageSet
 
 Episodes = dict[str, torch.Tensor]
-
-
-def task_seed(key: str, index: int) -> int:
-    """A well-mixed 64-bit seed for task `index` of the stream named `key`. (torch's CPU
-    generator keeps 32 bits of it; a rare collision only repeats one task.)"""
-    return int.from_bytes(hashlib.blake2b(f"{key}:{index}".encode(), digest_size=8).digest(), "little")
 
 
 @dataclass
@@ -74,7 +68,7 @@ class ImageTasks:
             self._tables[name] = _SplitTable(cls, offsets[cls], counts[cls],
                                              torch.as_tensor(split.rotations, dtype=torch.int64),
                                              int(counts[cls].max()))
-        self._keys = {name: f"{name}/seed={seed}" if name == "train" else f"{name}/fixed" for name in data.splits}
+        self.seed = seed  # drives the training stream only; validation and test tasks are fixed
         self.images = images_to_device(data.images, self.device)
         c, h, w = self.input_shape
         self._perms = None
@@ -115,10 +109,10 @@ class ImageTasks:
         if split not in self._tables:
             raise ValueError(f"unknown split {split!r}; expected one of {', '.join(self._tables)}")
         t, n, m = self._tables[split], self.ways, self.shots + self.queries
-        key, g = self._keys[split], torch.Generator()
+        g = torch.Generator()
         cls, rot, u = [], [], []
         for i in indices:
-            g.manual_seed(task_seed(key, int(i)))
+            g.manual_seed(task_seed(self.seed, split, int(i)))
             cls.append(torch.randperm(len(t.classes), generator=g)[:n])
             rot.append(torch.randint(0, 4, (n,), generator=g))
             u.append(torch.rand(n, t.width, generator=g))
