@@ -73,7 +73,9 @@ def _sync(device: torch.device) -> None:
 def bench_path(cfg: Config, tasks, device: torch.device, impl: str, iters: int, warmup: int,
                epoch: int = 0, eval_tasks: int | None = None) -> dict:
     """Time one implementation ('parallel' or 'loop') of a preset on this device."""
-    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, impl=impl))
+    # The loop is the reference-style baseline: one graph for the whole meta-batch, as the reference keeps.
+    chunk = cfg.outer.meta_batch if impl == "loop" else cfg.train.chunk
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, impl=impl, chunk=chunk))
     B = cfg.outer.meta_batch
     t0 = time.perf_counter()
     batches = [tasks.train_batch(i, B) for i in range(warmup + iters)]
@@ -94,6 +96,7 @@ def bench_path(cfg: Config, tasks, device: torch.device, impl: str, iters: int, 
         "queries": cfg.data.queries, "inner_steps": cfg.inner.steps, "filters": cfg.model.filters,
         "second_order": cfg.inner.second_order and epoch > cfg.inner.da_epochs,
         "msl": cfg.outer.msl and epoch < cfg.outer.msl_epochs, "dtype": cfg.train.dtype, "iters": iters,
+        "chunk": cfg.train.chunk,
         "seconds_per_iter_median": statistics.median(times), "seconds_per_iter_min": min(times),
         "seconds_per_iter_max": max(times), "tasks_per_second": B / statistics.median(times),
         "sampling_seconds_per_iter": sample_seconds, "peak_memory_mb": round(memory.peak, 1),

@@ -92,6 +92,9 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["float32", "float64"] = "float32"
     impl: Literal["parallel", "loop"] = "parallel"  # 'loop': the per-task oracle, for tests/bench
+    # Tasks per forward/backward pass. Smaller chunks keep one chunk's graph alive at a time: less
+    # memory, the same gradients (single process). 0: auto, the whole meta-batch on a GPU, 2 on a CPU.
+    chunk: int = 0
     log_every: int = 50  # iterations between metrics.csv rows
     top_k: int = 3  # checkpoints kept by validation score and ensembled at test (paper 3, HEAD 5)
     # Fraction of the schedule for quick runs: scales epochs and the epoch-denominated schedules
@@ -269,6 +272,8 @@ def validate(cfg: Config) -> None:
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key}={value}: must be >= 1")
+    if t.chunk < 0:
+        raise ConfigError(f"train.chunk={t.chunk}: must be >= 1 (or 0 for auto)")
     if not 0.0 < t.budget <= 1.0:
         raise ConfigError(f"train.budget={t.budget}: must be in (0, 1], a fraction of the schedule")
     if i.eval_steps < 0:

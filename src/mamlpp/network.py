@@ -63,13 +63,15 @@ def batch_norm(h: torch.Tensor, bn: Tree, state: Tree, name: str, slot: int, tas
     if use_running:
         mean, var = state[f"{name}.mean"][slot].repeat(tasks), state[f"{name}.var"][slot].repeat(tasks)
         return F.batch_norm(h, mean, var, gamma, beta, training=False, eps=BN_EPS), None
-    out = F.batch_norm(h, None, None, gamma, beta, training=True, eps=BN_EPS)
-    stats = None
-    if want_stats:
-        with torch.no_grad():
-            flat = h.detach().transpose(0, 1).reshape(h.shape[1], -1)
-            stats = (flat.mean(1).view(tasks, -1), flat.var(1, unbiased=True).view(tasks, -1))
-    return out, stats
+    if not want_stats:
+        return F.batch_norm(h, None, None, gamma, beta, training=True, eps=BN_EPS), None
+    # The kernel that F.batch_norm calls already computes the batch statistics: take them from it
+    # instead of another two passes over the activations (same autograd, same double backward).
+    out, mean, invstd = torch.native_batch_norm(h, gamma, beta, None, None, True, 0.0, BN_EPS)
+    with torch.no_grad():
+        count = h.numel() // h.shape[1]
+        var = (invstd.pow(-2) - BN_EPS) * (count / max(count - 1, 1))  # unbiased, as running stats use
+    return out, (mean.detach().view(tasks, -1), var.view(tasks, -1))
 
 
 def update_running_stats(state: Tree, passes: list[tuple[int, dict]], momentum: float, shard=None) -> Tree:
@@ -149,11 +151,14 @@ class Conv4:
             h, s = batch_norm(h, bn, state, f"bn{i}", slot, tasks, use_running, want_stats)
             if s is not None:
                 stats[f"bn{i}"] = s
-            h = activation(self.cfg.activation, h)
             if self.cfg.pooling == "max":
-                h = F.max_pool2d(h, 2, 2)
+                # Every activation here is non-decreasing, so it commutes with max-pooling: applying
+                # it after the pool gives the same values and gradients on a quarter of the elements.
+                h = activation(self.cfg.activation, F.max_pool2d(h, 2, 2))
             elif self.cfg.pooling == "avg":
-                h = F.avg_pool2d(h, 2, 2)
+                h = F.avg_pool2d(activation(self.cfg.activation, h), 2, 2)
+            else:
+                h = activation(self.cfg.activation, h)
         if self.cfg.pooling == "stride":
             h = h.mean((2, 3), keepdim=True)
         feats = h.reshape(n, tasks, -1).transpose(0, 1)  # [B, n, O*h*w] in (C, H, W) order per task

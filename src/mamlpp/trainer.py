@@ -30,6 +30,9 @@ from .schedules import cosine_lr
 from .tasks import TaskSource
 
 Tree = dict[str, torch.Tensor]
+# Auto chunk on a CPU: two tasks per pass kept peak memory at 40% of the whole meta-batch's and
+# was no slower (BENCHMARKS.md); on a GPU the whole meta-batch runs in one pass.
+CPU_CHUNK = 2
 METRIC_FIELDS = ["iteration", "epoch", "phase", "loss", "accuracy", "lr", "seconds"]
 
 
@@ -69,6 +72,9 @@ class Trainer:
         if dist.world > cfg.outer.meta_batch:
             raise ConfigError(f"outer.meta_batch={cfg.outer.meta_batch} is smaller than the {dist.world} processes; "
                               "every process needs at least one task")
+        if dist.active and cfg.train.chunk:
+            raise ConfigError("train.chunk splits the meta-batch within one process; under torchrun leave it at 0 "
+                              "(each process already holds only its share of the tasks)")
         self.cfg, self.tasks, self.device, self.dist = cfg, tasks, device, dist
         self.dtype = getattr(torch, cfg.train.dtype)
         self.model, self.params, self.state = init_learner(
@@ -95,9 +101,14 @@ class Trainer:
             lo, hi = self.dist.share(total)
             episodes = {k: v[lo:hi] for k, v in episodes.items()}
             shard = Shard(offset=lo, total=total, all_reduce=self.dist.all_reduce)
-        loss, metrics, self.state = self._meta_loss(self.model, self.params, self.state, episodes,
-                                                    self.cfg, epoch, self.tasks.kind, shard)
-        loss.backward()
+        tasks = episodes["xs"].shape[0]
+        chunk = self.cfg.train.chunk or (tasks if self.dist.active or self.device.type == "cuda" else CPU_CHUNK)
+        if chunk >= tasks:
+            loss, metrics, self.state = self._meta_loss(self.model, self.params, self.state, episodes,
+                                                        self.cfg, epoch, self.tasks.kind, shard)
+            loss.backward()
+        else:  # chunked meta-batch: one graph alive at a time, the same gradients
+            loss, metrics = self._chunked_backward(episodes, epoch, chunk)
         if self.dist.active:
             self.dist.all_reduce_grads(self.optimizer.param_groups[0]["params"])
             share = (hi - lo) / total  # metrics are local means: weight them by the share of tasks
@@ -114,6 +125,25 @@ class Trainer:
         self.optimizer.step()
         metrics["meta_loss"] = loss.detach()
         return metrics
+
+    def _chunked_backward(self, episodes: dict, epoch: int, chunk: int):
+        """Backward over `chunk` tasks at a time, gradients accumulating. A mean over tasks becomes a
+        sum of chunk means weighted by their share; the BNRS state threads through the chunks in
+        task order, which is exactly the reference's sequential update."""
+        tasks = episodes["xs"].shape[0]
+        mean = self.cfg.outer.task_reduction == "mean"
+        loss, metrics = 0.0, {}
+        for lo in range(0, tasks, chunk):
+            part = {k: v[lo:lo + chunk] for k, v in episodes.items()}
+            share = part["xs"].shape[0] / tasks
+            part_loss, part_metrics, self.state = self._meta_loss(self.model, self.params, self.state, part,
+                                                                  self.cfg, epoch, self.tasks.kind)
+            part_loss = part_loss * share if mean else part_loss
+            part_loss.backward()
+            loss = loss + part_loss.detach()
+            for k, v in part_metrics.items():
+                metrics[k] = metrics.get(k, 0.0) + v * share
+        return loss, metrics
 
     def state_dict(self) -> dict:
         """Everything a resumed run needs, as tensors and plain numbers (loads with weights_only)."""
