@@ -10,7 +10,10 @@ import torch
 
 from mamlpp import checkpoint
 
-ARGS = ["train.epochs=2", "train.iters_per_epoch=12", "train.eval_tasks=30", "train.eval_chunk=7",
+# float64: conv biases before batch norm are driven by rounding noise (see assert_same_params), and
+# in float32 that noise moves the other weights by ~1% over a few dozen Adam steps, whatever the
+# summation order; in float64 everything else agrees to ~1e-13.
+ARGS = ["train.dtype=float64", "train.epochs=2", "train.iters_per_epoch=12", "train.eval_tasks=30", "train.eval_chunk=7",
         "outer.meta_batch=5", "train.device=cpu", "train.log_every=4", "--no-progress"]
 
 
@@ -59,15 +62,13 @@ def test_two_processes_match_one(tmp_path, preset, extra, request):
     out = launch(preset, two, ARGS + extra, 2, env=env)
     assert out.stdout.count("run: ") == 1  # only rank 0 reports
     a, b = latest(one), latest(two)
-    assert_same_params(a, b, 1e-5)
+    assert_same_params(a, b, 1e-9)
     for k in a["state"]:  # BNRS: the running variances go through the same all-reduced fold as the
-        # means; the means also carry the (noise-driven, see above) conv biases, hence their looser bound
-        tol = 1e-6 if k.endswith(".var") else 2e-2
-        assert torch.allclose(a["state"][k], b["state"][k], rtol=1e-5, atol=tol), k
+        if k.endswith(".var"):  # means; the means also carry the noise-driven conv biases
+            assert torch.allclose(a["state"][k], b["state"][k], rtol=1e-9, atol=0), k
     if "accuracy" in a["val"]:
         assert a["val"]["accuracy"] == b["val"]["accuracy"]
-        assert a["val"]["loss"] == pytest.approx(b["val"]["loss"], rel=1e-5)  # biases differ, outputs do not
-    assert a["val"]["loss"] == pytest.approx(b["val"]["loss"], rel=1e-5)
+    assert a["val"]["loss"] == pytest.approx(b["val"]["loss"], rel=1e-9)  # biases differ, outputs do not
     # Only rank 0 wrote: one header and no duplicated rows, one event file, one test.json.
     rows = (two / "metrics.csv").read_text().splitlines()
     assert rows.count(rows[0]) == 1 and len(rows) == len((one / "metrics.csv").read_text().splitlines())

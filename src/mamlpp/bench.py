@@ -103,7 +103,7 @@ def bench_path(cfg: Config, tasks, device: torch.device, impl: str, iters: int, 
         "device_name": device_name(device), "torch_version": torch.__version__,
     }
     if eval_tasks:
-        trainer.evaluate("val", num_tasks=min(eval_tasks, cfg.train.eval_chunk))  # warm-up
+        trainer.evaluate("val", num_tasks=min(eval_tasks, 8))  # warm-up
         _sync(device)
         start = time.perf_counter()
         trainer.evaluate("val", num_tasks=eval_tasks)

@@ -88,12 +88,13 @@ class TrainConfig:
     epochs: int = 100
     iters_per_epoch: int = 500
     eval_tasks: int = 600  # fixed validation/test tasks
-    eval_chunk: int = 200  # tasks evaluated together in one batched pass
+    eval_chunk: int = 0  # tasks evaluated together in one pass; 0: auto, 200 (4 for the conv network on a CPU)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["float32", "float64"] = "float32"
     impl: Literal["parallel", "loop"] = "parallel"  # 'loop': the per-task oracle, for tests/bench
     # Tasks per forward/backward pass. Smaller chunks keep one chunk's graph alive at a time: less
-    # memory, the same gradients (single process). 0: auto, the whole meta-batch on a GPU, 2 on a CPU.
+    # memory, the same gradients (single process). 0: auto, the whole meta-batch on a GPU, 2 for the
+    # conv network on a CPU.
     chunk: int = 0
     log_every: int = 50  # iterations between metrics.csv rows
     top_k: int = 3  # checkpoints kept by validation score and ensembled at test (paper 3, HEAD 5)
@@ -267,11 +268,13 @@ def validate(cfg: Config) -> None:
                 "model.filters": m.filters, "model.stages": m.stages, "inner.steps": i.steps,
                 "outer.meta_batch": o.meta_batch, "outer.msl_epochs": o.msl_epochs,
                 "train.epochs": t.epochs, "train.iters_per_epoch": t.iters_per_epoch,
-                "train.eval_tasks": t.eval_tasks, "train.eval_chunk": t.eval_chunk, "train.log_every": t.log_every,
+                "train.eval_tasks": t.eval_tasks, "train.log_every": t.log_every,
                 "train.top_k": t.top_k}
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key}={value}: must be >= 1")
+    if t.eval_chunk < 0:
+        raise ConfigError(f"train.eval_chunk={t.eval_chunk}: must be >= 1 (or 0 for auto)")
     if t.chunk < 0:
         raise ConfigError(f"train.chunk={t.chunk}: must be >= 1 (or 0 for auto)")
     if not 0.0 < t.budget <= 1.0:

@@ -30,9 +30,10 @@ from .schedules import cosine_lr
 from .tasks import TaskSource
 
 Tree = dict[str, torch.Tensor]
-# Auto chunk on a CPU: two tasks per pass kept peak memory at 40% of the whole meta-batch's and
-# was no slower (BENCHMARKS.md); on a GPU the whole meta-batch runs in one pass.
-CPU_CHUNK = 2
+# Auto chunks (BENCHMARKS.md). On a CPU small chunks keep activations in cache: two training tasks
+# per pass held peak memory at 40% of the whole meta-batch's and were no slower, and evaluating 4
+# tasks per pass was twice as fast as 200. On a GPU (or for the tiny sinusoid MLP) big passes win.
+CPU_CHUNK, CPU_EVAL_CHUNK, GPU_EVAL_CHUNK = 2, 4, 200
 METRIC_FIELDS = ["iteration", "epoch", "phase", "loss", "accuracy", "lr", "seconds"]
 
 
@@ -102,7 +103,8 @@ class Trainer:
             episodes = {k: v[lo:hi] for k, v in episodes.items()}
             shard = Shard(offset=lo, total=total, all_reduce=self.dist.all_reduce)
         tasks = episodes["xs"].shape[0]
-        chunk = self.cfg.train.chunk or (tasks if self.dist.active or self.device.type == "cuda" else CPU_CHUNK)
+        whole = self.dist.active or self.device.type == "cuda" or self.cfg.model.arch != "conv4"
+        chunk = self.cfg.train.chunk or (tasks if whole else CPU_CHUNK)
         if chunk >= tasks:
             loss, metrics, self.state = self._meta_loss(self.model, self.params, self.state, episodes,
                                                         self.cfg, epoch, self.tasks.kind, shard)
@@ -171,7 +173,8 @@ class Trainer:
         """Per-task results on the fixed tasks of a split, `eval_chunk` tasks per batched pass:
         {"loss": [T], "accuracy": [T] (classification), "output": [T, n, ...], "target": [T, n, ...]}."""
         num_tasks = num_tasks or self.cfg.train.eval_tasks
-        chunk = self.cfg.train.eval_chunk
+        big = self.device.type == "cuda" or self.cfg.model.arch != "conv4"
+        chunk = self.cfg.train.eval_chunk or (GPU_EVAL_CHUNK if big else CPU_EVAL_CHUNK)
         lo, hi = self.dist.share(num_tasks)
         parts = []
         for first in range(lo, hi, chunk):
