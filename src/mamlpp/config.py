@@ -93,8 +93,8 @@ class TrainConfig:
     dtype: Literal["float32", "float64"] = "float32"
     impl: Literal["parallel", "loop"] = "parallel"  # 'loop': the per-task oracle, for tests/bench
     # Tasks per forward/backward pass. Smaller chunks keep one chunk's graph alive at a time: less
-    # memory, the same gradients (single process). 0: auto, the whole meta-batch on a GPU, 2 for the
-    # conv network on a CPU.
+    # memory, the same gradients (single process). 0: auto, the whole meta-batch on a GPU; on a CPU
+    # passes of about 4M first-layer activations for the conv network (trainer.py).
     chunk: int = 0
     log_every: int = 50  # iterations between metrics.csv rows
     top_k: int = 3  # checkpoints kept by validation score and ensembled at test (paper 3, HEAD 5)

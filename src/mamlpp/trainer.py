@@ -30,10 +30,11 @@ from .schedules import cosine_lr
 from .tasks import TaskSource
 
 Tree = dict[str, torch.Tensor]
-# Auto chunks (BENCHMARKS.md). On a CPU small chunks keep activations in cache: two training tasks
-# per pass held peak memory at 40% of the whole meta-batch's and were no slower, and evaluating 4
-# tasks per pass was twice as fast as 200. On a GPU (or for the tiny sinusoid MLP) big passes win.
-CPU_CHUNK, CPU_EVAL_CHUNK, GPU_EVAL_CHUNK = 2, 4, 200
+# Auto chunks (BENCHMARKS.md). On a CPU, passes over few tasks keep activations near the caches:
+# training passes of about 4M first-layer activations (2 tasks of Omniglot 20-way 1-shot, 1 of
+# Mini-ImageNet) cut peak memory by 2.5-4x and were as fast or faster than the whole meta-batch, and
+# evaluating 4 tasks per pass was twice as fast as 200. On a GPU (or for the sinusoid MLP) big passes win.
+CPU_CHUNK_ACTIVATIONS, CPU_EVAL_CHUNK, GPU_EVAL_CHUNK = 2**22, 4, 200
 METRIC_FIELDS = ["iteration", "epoch", "phase", "loss", "accuracy", "lr", "seconds"]
 
 
@@ -103,8 +104,7 @@ class Trainer:
             episodes = {k: v[lo:hi] for k, v in episodes.items()}
             shard = Shard(offset=lo, total=total, all_reduce=self.dist.all_reduce)
         tasks = episodes["xs"].shape[0]
-        whole = self.dist.active or self.device.type == "cuda" or self.cfg.model.arch != "conv4"
-        chunk = self.cfg.train.chunk or (tasks if whole else CPU_CHUNK)
+        chunk = self.cfg.train.chunk or self._auto_chunk(tasks)
         if chunk >= tasks:
             loss, metrics, self.state = self._meta_loss(self.model, self.params, self.state, episodes,
                                                         self.cfg, epoch, self.tasks.kind, shard)
@@ -127,6 +127,13 @@ class Trainer:
         self.optimizer.step()
         metrics["meta_loss"] = loss.detach()
         return metrics
+
+    def _auto_chunk(self, tasks: int) -> int:
+        if self.dist.active or self.device.type == "cuda" or self.cfg.model.arch != "conv4":
+            return tasks
+        d = self.cfg.data
+        per_task = d.ways * (d.shots + d.queries) * self.cfg.model.filters * math.prod(self.tasks.input_shape[1:])
+        return max(1, CPU_CHUNK_ACTIVATIONS // per_task)
 
     def _chunked_backward(self, episodes: dict, epoch: int, chunk: int):
         """Backward over `chunk` tasks at a time, gradients accumulating. A mean over tasks becomes a
