@@ -11,13 +11,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import uuid
 from pathlib import Path
 from typing import Callable, Iterable
 
 import numpy as np
 
+from ..files import atomic_write_json
 from .common import DataError
 
 CACHE_VERSION = 1  # bump when the preprocessing changes, so stale caches are rebuilt, not read
@@ -45,35 +45,6 @@ def entry_dir(cache_root: Path, dataset: str, key: dict) -> Path:
     """The cache folder for a data set whose sources and preprocessing are described by `key`."""
     digest = hashlib.sha256(json.dumps({"v": CACHE_VERSION, **key}, sort_keys=True).encode()).hexdigest()
     return Path(cache_root) / f"{dataset}-{digest[:16]}"
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # some platforms cannot open folders; the rename is still atomic
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; the cache is as readable as any other file
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
 
 
 def load_entry(folder: Path) -> tuple[np.ndarray, dict] | None:
@@ -127,7 +98,7 @@ def write_entry(folder: Path, shape: tuple[int, ...], manifest: dict,
     except (OSError, ValueError, AttributeError):
         previous = None
     try:
-        write_json_atomic(folder / "manifest.json", manifest)
+        atomic_write_json(folder / "manifest.json", manifest)
     except BaseException:
         (folder / name).unlink(missing_ok=True)
         raise
