@@ -9,9 +9,31 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Shard:
+    """This process's slice of the meta-batch when its tasks are split across processes.
+
+    offset: global index of the first local task; total: tasks in the whole meta-batch (None: the
+    local count, i.e. one process); all_reduce: sums a tensor over processes in place.
+    """
+    offset: int = 0
+    total: Optional[int] = None
+    all_reduce: Optional[Callable[[torch.Tensor], None]] = None
+
+    def reduce(self, t: torch.Tensor) -> torch.Tensor:
+        if self.all_reduce is not None:
+            self.all_reduce(t)
+        return t
+
+    def combine(self, losses: torch.Tensor, reduction: str) -> torch.Tensor:
+        """The local share of the meta-loss: summing it over processes gives the whole loss."""
+        return losses.sum() if reduction == "sum" else losses.sum() / (self.total or losses.numel())
 
 
 @dataclass(frozen=True)

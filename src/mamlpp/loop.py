@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from .config import Config
 from .inner import step_rate
 from .network import BN_EPS, MLP, activation
-from .objective import Shard, task_accuracy, task_losses
+from .distributed import Shard
+from .objective import task_accuracy, task_losses
 from .schedules import second_order_at, step_weights
 
 Tree = dict[str, torch.Tensor]

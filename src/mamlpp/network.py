@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import ModelConfig
+from .distributed import Shard
 
 Tree = dict[str, torch.Tensor]
 BN_EPS = 1e-5
@@ -84,8 +85,6 @@ def update_running_stats(state: Tree, passes: list[tuple[int, dict]], momentum: 
     With a shard (tasks split across processes) each process adds its tasks' terms at their global
     positions and the sums are all-reduced. Returns a new state; the input is not modified.
     """
-    from .objective import Shard
-
     shard = shard or Shard()
     new = dict(state)
     for slot in sorted({slot for slot, _ in passes}):

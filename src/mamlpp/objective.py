@@ -7,39 +7,16 @@ evaluate    validation/test: the final-step query predictions after adaptation, 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Optional
-
 import torch
 import torch.nn.functional as F
 
 from .config import Config
+from .distributed import Shard
 from .inner import inner_step, task_batched
 from .network import update_running_stats
 from .schedules import second_order_at, step_weights
 
 Tree = dict[str, torch.Tensor]
-
-
-@dataclass(frozen=True)
-class Shard:
-    """This process's slice of the meta-batch when its tasks are split across processes.
-
-    offset: global index of the first local task; total: tasks in the whole meta-batch (None: the
-    local count, i.e. one process); all_reduce: sums a tensor over processes in place.
-    """
-    offset: int = 0
-    total: Optional[int] = None
-    all_reduce: Optional[Callable[[torch.Tensor], None]] = None
-
-    def reduce(self, t: torch.Tensor) -> torch.Tensor:
-        if self.all_reduce is not None:
-            self.all_reduce(t)
-        return t
-
-    def combine(self, losses: torch.Tensor, reduction: str) -> torch.Tensor:
-        """The local share of the meta-loss: summing it over processes gives the whole loss."""
-        return losses.sum() if reduction == "sum" else losses.sum() / (self.total or losses.numel())
 
 
 def task_losses(kind: str, out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

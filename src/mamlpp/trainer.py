@@ -20,12 +20,12 @@ from pathlib import Path
 import torch
 
 from .config import Config, ConfigError
-from .distributed import Dist
+from .distributed import Dist, Shard
 from .files import atomic_write_bytes, atomic_write_json
 from .inner import init_rates
 from .loop import evaluate_loop, meta_loss_loop
 from .network import build_model
-from .objective import Shard, evaluate, meta_loss
+from .objective import evaluate, meta_loss
 from .schedules import cosine_lr
 from .tasks import TaskSource
 
