@@ -120,3 +120,38 @@ def test_budget_keeps_schedules_proportional():
     assert resolve_config("omniglot-20w1s-mamlpp", []).train.epochs == 100
     with pytest.raises(Exception, match="train.budget"):
         resolve_config("omniglot-20w1s-mamlpp", ["budget=2"])
+
+
+def test_full_disk_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
+    """A write that fails half-way (ENOSPC) keeps the last complete files and no temporary ones."""
+    import errno
+
+    from mamlpp import files
+
+    cfg = quick_cfg("train.epochs=1")
+    run(cfg, tmp_path / "r", run_test=False)
+    folder = tmp_path / "r" / "checkpoints"
+    before = (folder / "latest.pt").read_bytes()
+    real_fdopen = os.fdopen
+
+    class FullDisk:
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, data):
+            self.f.write(data[: len(data) // 2])
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(files.os, "fdopen", lambda fd, mode: FullDisk(real_fdopen(fd, mode)))
+    with pytest.raises(OSError, match="No space left"):
+        checkpoint.save(folder / "latest.pt", {"params": {"x": torch.ones(1000)}})
+    assert (folder / "latest.pt").read_bytes() == before
+    assert not [p for p in folder.iterdir() if p.name.endswith(".tmp")]
+    monkeypatch.undo()
+    assert checkpoint.load(folder / "latest.pt")["epoch"] == 0
