@@ -22,13 +22,16 @@ WNIDS = {"train": ["n01000001", "n01000002"], "val": ["n02000001", "n02000002"],
 PER_CLASS = 8
 
 
-def mini_cfg(**data) -> Config:
+def data_cfg(dataset: str, ways: int, shots: int, queries: int, **data) -> Config:
     cfg = Config()
-    cfg.data.dataset = "mini_imagenet"
-    cfg.data.ways, cfg.data.shots, cfg.data.queries = 2, 1, 3
+    cfg.data.dataset, cfg.data.ways, cfg.data.shots, cfg.data.queries = dataset, ways, shots, queries
     for k, v in data.items():
         setattr(cfg.data, k, v)
     return cfg
+
+
+def mini_cfg(**data) -> Config:
+    return data_cfg("mini_imagenet", 2, 1, 3, **data)
 
 
 def decode_reference(path: Path, size: int = 84) -> np.ndarray:
@@ -126,12 +129,7 @@ def test_mini_pickles(tmp_path, data_cache_dir):
 
 
 def folder_cfg(**data) -> Config:
-    cfg = Config()
-    cfg.data.dataset = "folder"
-    cfg.data.ways, cfg.data.shots, cfg.data.queries = 3, 2, 2
-    for k, v in data.items():
-        setattr(cfg.data, k, v)
-    return cfg
+    return data_cfg("folder", 3, 2, 2, **data)
 
 
 def test_folder_with_seeded_split(tmp_path, data_cache_dir, make_class_folders):
