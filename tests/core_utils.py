@@ -5,7 +5,8 @@ import torch
 
 from mamlpp.config import Config
 from mamlpp.presets import get_preset
-from mamlpp.trainer import flatten, init_learner
+from mamlpp.methods import flatten
+from mamlpp.methods.maml import MAML
 
 F64 = torch.float64
 
@@ -27,10 +28,17 @@ def smooth(cfg: Config) -> Config:
     return cfg
 
 
+def init_learner(cfg: Config, shape, ways: int, dtype, seed: int):
+    """(backbone, params, state) of MAML's learner, as the trainer initialises it."""
+    method = MAML(cfg, "classification", shape, ways)
+    params, state = method.init(torch.Generator().manual_seed(seed), dtype, "cpu")
+    return method.backbone, params, state
+
+
 def learner(cfg: Config, shape=(1, 12, 12), ways=3, seed=0, perturb_bn=True):
     """(model, params, state) in float64; BN weights/state moved off their init so that every
     per-step slot is distinguishable."""
-    model, params, state = init_learner(cfg, shape, ways, "cpu", F64, seed)
+    model, params, state = init_learner(cfg, shape, ways, F64, seed)
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         if perturb_bn:

@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from mamlpp import checkpoint
+from mamlpp.rundir import RunDir
 
 # float64: conv biases before batch norm are driven by rounding noise (see assert_same_params), and
 # in float32 that noise moves the other weights by ~1% over a few dozen Adam steps, whatever the
@@ -33,7 +33,7 @@ def launch(preset, out, overrides, procs, extra=(), wait=True, env=None):
 
 
 def latest(run_dir):
-    return checkpoint.load(run_dir / "checkpoints" / "latest.pt")
+    return RunDir(run_dir).load_checkpoint(RunDir(run_dir).latest)
 
 
 def assert_same_params(a, b, tol):

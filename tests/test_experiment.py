@@ -10,13 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from mamlpp import checkpoint
-from mamlpp.cli import main, resolve_config
+from mamlpp.rundir import RunDir
+from mamlpp.cli import main
 from mamlpp.config import apply_budget
 from mamlpp.evaluation import evaluate_run
 from mamlpp.presets import get_preset
-from mamlpp.tasks import build_tasks
-from mamlpp.trainer import NonFiniteLossError, train
+from mamlpp.data import build_tasks
+from mamlpp.experiment import NonFiniteLossError, train
+from mamlpp.presets import resolve as resolve_config
 
 QUICK = ["train.epochs=4", "train.iters_per_epoch=40", "train.eval_tasks=40", "train.log_every=10",
          "model.hidden=16,16", "outer.meta_batch=5"]
@@ -31,7 +32,7 @@ def run(cfg, out, **kw):
 
 
 def final_params(run_dir):
-    return checkpoint.load(Path(run_dir) / "checkpoints" / "latest.pt")["params"]
+    return RunDir(run_dir).load_checkpoint(RunDir(run_dir).latest)["params"]
 
 
 def test_checkpoints_keep_latest_and_top_k(tmp_path):
@@ -69,7 +70,7 @@ def test_kill_mid_epoch_and_resume_matches_uninterrupted(tmp_path):
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert checkpoint.load(killed / "checkpoints" / "latest.pt")["epoch"] == 0
+    assert RunDir(killed).load_checkpoint(RunDir(killed).latest)["epoch"] == 0
     subprocess.run([sys.executable, "-m", "mamlpp", "train", "--resume", str(killed), "--no-test", "--no-progress"],
                    check=True, capture_output=True)
     a, b = final_params(full), final_params(killed)
@@ -106,7 +107,7 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     tasks.train_batch = poisoned
     with pytest.raises(NonFiniteLossError, match="last good checkpoint"):
         train(cfg, tasks, tmp_path / "r", torch.device("cpu"), progress=False)
-    latest = checkpoint.load(tmp_path / "r" / "checkpoints" / "latest.pt")
+    latest = RunDir(tmp_path / "r").load_checkpoint(RunDir(tmp_path / "r").latest)
     assert latest["epoch"] == 1
     assert all(torch.isfinite(v).all() for v in latest["params"].values())
     assert not (tmp_path / "r" / "summary.json").exists()
@@ -150,8 +151,8 @@ def test_full_disk_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
 
     monkeypatch.setattr(files.os, "fdopen", lambda fd, mode: FullDisk(real_fdopen(fd, mode)))
     with pytest.raises(OSError, match="No space left"):
-        checkpoint.save(folder / "latest.pt", {"params": {"x": torch.ones(1000)}})
+        RunDir(folder.parent).save_checkpoint(folder / "latest.pt", {"params": {"x": torch.ones(1000)}})
     assert (folder / "latest.pt").read_bytes() == before
     assert not [p for p in folder.iterdir() if p.name.endswith(".tmp")]
     monkeypatch.undo()
-    assert checkpoint.load(folder / "latest.pt")["epoch"] == 0
+    assert RunDir(folder.parent).load_checkpoint(folder / "latest.pt")["epoch"] == 0

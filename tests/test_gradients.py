@@ -11,7 +11,7 @@ from core_utils import F64, cat, episodes, learner, meta_grad, smooth, tiny_conf
 from mamlpp.inner import step_rate, task_batched
 from mamlpp.objective import meta_loss, task_losses
 from mamlpp.schedules import step_weights
-from mamlpp.trainer import flatten
+from mamlpp.methods import flatten
 
 EPOCH = 1  # MSL active, weights not uniform
 

@@ -74,7 +74,8 @@ def test_more_eval_steps_than_training_keeps_adapting():
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_chunked_meta_batch_gives_the_same_update(chunk, reduction):
     """train.chunk trades memory for speed: gradients, metrics and BNRS state are unchanged."""
-    from mamlpp.trainer import Trainer, flatten
+    from mamlpp.methods import flatten
+    from mamlpp.trainer import Trainer
 
     class Fixed:  # a task source serving one fixed batch of 5 tasks
         kind, input_shape, num_outputs = "classification", (1, 12, 12), 3

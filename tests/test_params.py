@@ -5,12 +5,12 @@ import torch
 from core_utils import episodes, learner, meta_grad, tiny_config
 from mamlpp.objective import meta_loss
 from mamlpp.presets import get_preset
-from mamlpp.trainer import init_learner
+from core_utils import init_learner
 
 
 def counts(preset, shape, ways):
     cfg = get_preset(preset)
-    _, params, state = init_learner(cfg, shape, ways, "cpu", torch.float32, 0)
+    _, params, state = init_learner(cfg, shape, ways, torch.float32, 0)
     n = lambda tree, prefix: sum(v.numel() for k, v in tree.items() if k.startswith(prefix))
     return {"conv": n(params["net"], "conv"), "linear": n(params["net"], "linear"), "bn": n(params["bn"], "bn"),
             "lr": n(params["lr"], ""), "state": n(state, "bn")}

@@ -94,8 +94,8 @@ def test_mamlpp_learns_omniglot(omniglot_env):
     """A real learning check: a small MAML++ learner gains far beyond its untrained adaptation in 60 meta-updates."""
     import torch
 
-    from mamlpp.cli import resolve_config
-    from mamlpp.tasks import build_tasks
+    from mamlpp.data import build_tasks
+    from mamlpp.presets import resolve as resolve_config
     from mamlpp.trainer import Trainer
 
     cfg = resolve_config("omniglot-5w1s-mamlpp", ["model.filters=32", "inner.steps=3", "outer.meta_batch=8",

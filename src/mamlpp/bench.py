@@ -16,7 +16,8 @@ import time
 
 import torch
 
-from .config import Config
+from .config import METHODS, Config, ConfigError
+from .schedules import second_order_at
 from .trainer import Trainer
 
 
@@ -74,6 +75,8 @@ def bench_path(cfg: Config, tasks, device: torch.device, impl: str, iters: int, 
                epoch: int = 0, eval_tasks: int | None = None) -> dict:
     """Time one implementation ('parallel' or 'loop') of a preset on this device."""
     # The loop is the reference-style baseline: one graph for the whole meta-batch, as the reference keeps.
+    if impl == "loop" and not METHODS.get(cfg.method.name).loop_oracle:
+        raise ConfigError(f"--impl {impl}: method.name={cfg.method.name} has no per-task loop; use --impl parallel")
     chunk = cfg.outer.meta_batch if impl == "loop" else cfg.train.chunk
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, impl=impl, chunk=chunk))
     B = cfg.outer.meta_batch
@@ -92,10 +95,9 @@ def bench_path(cfg: Config, tasks, device: torch.device, impl: str, iters: int, 
             if i >= warmup:
                 times.append(time.perf_counter() - start)
     result = {
-        "impl": impl, "preset": cfg.name, "meta_batch": B, "ways": cfg.data.ways, "shots": cfg.data.shots,
+        "impl": impl, "preset": cfg.name, "method": cfg.method.name, "meta_batch": B, "ways": cfg.data.ways, "shots": cfg.data.shots,
         "queries": cfg.data.queries, "inner_steps": cfg.inner.steps, "filters": cfg.model.filters,
-        "second_order": cfg.inner.second_order and epoch > cfg.inner.da_epochs,
-        "msl": cfg.outer.msl and epoch < cfg.outer.msl_epochs, "dtype": cfg.train.dtype, "iters": iters,
+        "second_order": second_order_at(cfg, epoch), "msl": cfg.outer.msl and epoch < cfg.outer.msl_epochs, "dtype": cfg.train.dtype, "iters": iters,
         "chunk": cfg.train.chunk,
         "seconds_per_iter_median": statistics.median(times), "seconds_per_iter_min": min(times),
         "seconds_per_iter_max": max(times), "tasks_per_second": B / statistics.median(times),
@@ -134,27 +136,28 @@ class SyntheticTasks:
         self.input_shape, self.num_outputs = (channels, size, size), d.ways
         self.cfg, self.device, self.dtype = cfg, device, dtype
 
-    def _tasks(self, first: int, count: int) -> dict[str, torch.Tensor]:
+    def _tasks(self, first: int, count: int, ways: int, queries: int) -> dict[str, torch.Tensor]:
         d, g = self.cfg.data, torch.Generator().manual_seed(first)
-        labels = lambda per: torch.arange(d.ways).repeat_interleave(per).repeat(count, 1).to(self.device)
-        images = lambda per: torch.rand(count, d.ways * per, *self.input_shape, generator=g).to(self.device, self.dtype)
-        return {"xs": images(d.shots), "ys": labels(d.shots), "xq": images(d.queries), "yq": labels(d.queries)}
+        labels = lambda per: torch.arange(ways).repeat_interleave(per).repeat(count, 1).to(self.device)
+        images = lambda per: torch.rand(count, ways * per, *self.input_shape, generator=g).to(self.device, self.dtype)
+        return {"xs": images(d.shots), "ys": labels(d.shots), "xq": images(queries), "yq": labels(queries)}
 
     def train_batch(self, iteration: int, batch_size: int):
-        return self._tasks(iteration * batch_size, batch_size)
+        d = self.cfg.data
+        return self._tasks(iteration * batch_size, batch_size, d.train_ways or d.ways, d.train_queries or d.queries)
 
     def eval_batch(self, split: str, first: int, count: int):
-        return self._tasks(10**9 + first, count)
+        return self._tasks(10**9 + first, count, self.cfg.data.ways, self.cfg.data.queries)
 
 
 def cmd_bench(args) -> int:
     import json
 
-    from .cli import resolve_config
-    from .tasks import build_tasks
-    from .trainer import select_device
+    from .data import build_tasks
+    from .distributed import select_device
+    from .presets import resolve
 
-    cfg = resolve_config(args.preset, args.overrides)
+    cfg = resolve(args.preset, args.overrides)
     device = select_device(cfg.train.device)
     dtype = getattr(torch, cfg.train.dtype)
     tasks = SyntheticTasks(cfg, device, dtype) if args.synthetic else build_tasks(cfg, device, args.data_dir)

@@ -4,19 +4,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .config import Config, ConfigError, apply_budget, apply_overrides
-from .presets import PRESETS, get_preset
-
-
-def resolve_config(preset: str, overrides: list[str]) -> Config:
-    """Preset, then KEY=VALUE overrides, then train.budget scaling (applied once, recorded in config.json)."""
-    return apply_budget(apply_overrides(get_preset(preset), overrides))
+from .config import Config, ConfigError, apply_overrides
+from .presets import PRESETS, resolve
 
 
 def resolve_data_config(preset: str | None, dataset: str | None, overrides: list[str]) -> Config:
     """`mamlpp data ...` takes a preset, or just --dataset NAME, plus overrides."""
     if preset:
-        return resolve_config(preset, overrides)
+        return resolve(preset, overrides)
     if not dataset:
         raise ConfigError("give a PRESET or --dataset NAME (omniglot, mini_imagenet, folder)")
     return apply_overrides(Config(name=dataset), [f"data.dataset={dataset}", *overrides])
@@ -30,57 +25,48 @@ def cmd_presets(args) -> int:
 
 
 def cmd_config(args) -> int:
-    print(resolve_config(args.preset, args.overrides).to_json())
+    print(resolve(args.preset, args.overrides).to_json())
     return 0
 
 
-def print_result(result: dict) -> None:
-    n = result["num_tasks"]
-    if "mse_after_adaptation" in result:
-        print(f"held-out MSE over {n} tasks: before adaptation {result['mse_before_adaptation']:.4f}, after "
-              f"{result['inner_steps']} steps {result['mse_after_adaptation']:.4f} (+/- {result['ci95']:.4f})")
-    else:
-        print(f"{result['split']} accuracy over {n} tasks: {100 * result['accuracy']:.2f}% +/- "
-              f"{100 * result['ci95']:.2f}% (95% CI, ensemble of {result['ensemble_size']}); single best model "
-              f"{100 * result['single_model_accuracy']:.2f}% +/- {100 * result['single_model_ci95']:.2f}%")
-
-
 def cmd_train(args) -> int:
-    from .distributed import init_from_env
-    from .evaluation import load_run_config
-    from .tasks import build_tasks
-    from .trainer import NonFiniteLossError, train
+    from .data import build_tasks
+    from .distributed import init_from_env, shutdown
+    from .experiment import NonFiniteLossError, train
+    from .rundir import RunDir, TestResult
 
     if args.resume:
         if args.preset or args.overrides:
             raise ConfigError("--resume RUN_DIR takes its config from RUN_DIR/config.json; drop PRESET and overrides")
-        run_dir, cfg = args.resume, load_run_config(args.resume)
+        run_dir, cfg = args.resume, RunDir(args.resume).read_config()
     else:
         if not args.preset or not args.out:
             raise ConfigError("train needs PRESET and --out RUN_DIR (or --resume RUN_DIR)")
-        run_dir, cfg = args.out, resolve_config(args.preset, args.overrides)
+        run_dir, cfg = args.out, resolve(args.preset, args.overrides)
     dist, device = init_from_env(cfg.train.device)  # one process, or a torchrun rank
-    tasks = build_tasks(cfg, device, data_dir=args.data_dir)  # data problems surface before training
     try:
+        tasks = build_tasks(cfg, device, data_dir=args.data_dir)  # data problems surface before training
         summary = train(cfg, tasks, run_dir, device, progress=not args.no_progress, resume=bool(args.resume),
                         run_test=not args.no_test, dist=dist)
     except NonFiniteLossError as e:
         print(f"mamlpp: {e}", file=sys.stderr)
         return 1
+    finally:
+        shutdown()
     if dist.main:
         print(f"run: {run_dir}  iterations: {summary['iterations']}  seconds: {summary['seconds']:.1f}")
         if summary["final"]:
-            print_result(summary["final"])
+            print(TestResult.from_dict(summary["final"]).describe())
     return 0
 
 
 def cmd_eval(args) -> int:
+    from .distributed import select_device
     from .evaluation import evaluate_run
-    from .trainer import select_device
 
     device = select_device(args.device) if args.device else None
     result = evaluate_run(args.run_dir, device=device, top_k=args.top_k, data_dir=args.data_dir, split=args.split)
-    print_result(result)
+    print(result.describe())
     print(f"wrote {args.run_dir}/{args.split}.json")
     return 0
 
@@ -93,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
                "'mamlpp config PRESET' prints every key.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("presets", help="list the named presets")
+    p = sub.add_parser("presets", help="list the named presets (every method, data set and setting)")
     p.set_defaults(func=cmd_presets)
 
     p = sub.add_parser("config", help="print the resolved config of a preset with overrides")

@@ -16,6 +16,43 @@ class ConfigError(ValueError):
     """A configuration key or value that cannot be used; the message says what is expected."""
 
 
+class Registry:
+    """Named extension points (methods, backbones): a new one is a new file plus one `register` call.
+
+    The config names an entry by string (`method.name`, `model.arch`); `get` turns an unknown name
+    into a ConfigError that lists the registered ones.
+    """
+
+    def __init__(self, key: str):
+        self.key, self._entries = key, {}
+
+    def register(self, name: str):
+        def add(obj):
+            if name in self._entries:
+                raise ValueError(f"{self.key}={name!r} is registered twice")
+            self._entries[name] = obj
+            obj.name = name
+            return obj
+
+        return add
+
+    def get(self, name: str):
+        if name not in self._entries:
+            raise ConfigError(f"{self.key}={name!r}: expected one of {', '.join(self._entries)}")
+        return self._entries[name]
+
+    def names(self) -> list[str]:
+        return list(self._entries)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._entries
+
+
+# Filled by the modules that define methods (mamlpp/methods) and backbones (mamlpp/network.py).
+METHODS = Registry("method.name")
+BACKBONES = Registry("model.arch")
+
+
 @dataclass
 class DataConfig:
     dataset: Literal["sinusoid", "omniglot", "mini_imagenet", "folder"] = "omniglot"
@@ -23,6 +60,9 @@ class DataConfig:
     ways: int = 5  # N classes per task (ignored by sinusoid)
     shots: int = 1  # K support examples per class (sinusoid: K points per task)
     queries: int = 1  # T query examples per class (sinusoid: T query points per task)
+    # Training tasks only (0: as above). Prototypical Networks train at a higher way than they test.
+    train_ways: int = 0
+    train_queries: int = 0
     split: Literal["reference", "vinyals"] = "reference"  # Omniglot class split
     augment: bool = True  # Omniglot: per-task, per-class random k*90 degree rotation (train only)
     image_size: int = 0  # 0: the data set's own size (28 Omniglot, 84 Mini-ImageNet)
@@ -32,7 +72,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    arch: Literal["conv4", "mlp"] = "conv4"
+    arch: str = "conv4"  # a registered backbone (network.py): conv4, mlp
     filters: int = 64
     stages: int = 4
     pooling: Literal["max", "avg", "stride"] = "max"  # 'stride': stride-2 convs, global avg pool
@@ -49,6 +89,13 @@ class ModelConfig:
 
 
 @dataclass
+class MethodConfig:
+    """Which algorithm runs. A method with options of its own registers a subclass of this (its
+    `Options`); `method.name=X` then makes the section an instance of X's options."""
+    name: str = "maml"  # a registered method (mamlpp/methods): maml, protonet, matchingnet
+
+
+@dataclass
 class InnerConfig:
     steps: int = 5  # S, inner steps during meta-training
     eval_steps: int = 0  # inner steps at validation/test; 0 means the same as steps
@@ -56,6 +103,7 @@ class InnerConfig:
     # 'fixed': one scalar; 'lslr': one learned scalar per parameter tensor per step (MAML++);
     # 'metasgd': one learned rate per parameter element (Meta-SGD).
     lr_mode: Literal["fixed", "lslr", "metasgd"] = "fixed"
+    lr_range: tuple[float, ...] = ()  # metasgd: each rate drawn from U[lo, hi] instead of inner.lr
     second_order: bool = True
     # DA: first order for epochs 0..da_epochs, second order after; -1 means never first order.
     da_epochs: int = -1
@@ -80,6 +128,10 @@ class OuterConfig:
     ca: bool = False
     eta_min: float = 1e-5
     grad_clamp: Optional[float] = None  # element-wise clamp of network meta-gradients (Mini: 10)
+    # Step decay of the meta learning rate (Prototypical Networks): x lr_step_gamma every
+    # lr_step_epochs epochs; 0: off.
+    lr_step_epochs: int = 0
+    lr_step_gamma: float = 0.5
 
 
 @dataclass
@@ -107,6 +159,7 @@ class TrainConfig:
 @dataclass
 class Config:
     name: str = "custom"
+    method: MethodConfig = field(default_factory=MethodConfig)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     inner: InnerConfig = field(default_factory=InnerConfig)
@@ -121,24 +174,46 @@ class Config:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Config":
+        if not isinstance(d, dict):
+            raise ConfigError(f"expected a JSON object of config sections, not {type(d).__name__}")
         cfg = cls()
+        method = d.get("method", {})
+        if isinstance(method, dict) and "name" in method:  # first: it decides which method keys exist
+            _set(cfg.method, "method", "name", method["name"], from_string=False, cfg=cfg)
         for key, value in d.items():
             if key == "name":
                 cfg.name = value
                 continue
-            section = getattr(cfg, key, None)
-            if not dataclasses.is_dataclass(section):
+            section = getattr(cfg, key, None) if key in SECTIONS else None
+            if section is None:
                 raise ConfigError(f"unknown config section {key!r}; valid: {', '.join(SECTIONS)}")
+            if not isinstance(value, dict):
+                raise ConfigError(f"config section {key!r} must be a JSON object, not {type(value).__name__}")
             for k, v in value.items():
-                _set(section, key, k, v, from_string=False)
+                if (key, k) != ("method", "name"):
+                    _set(getattr(cfg, key), key, k, v, from_string=False, cfg=cfg)
         validate(cfg)
         return cfg
 
+    def set_method(self, name: str) -> None:
+        """Switch to a registered method; the method section becomes that method's options (defaults)."""
+        self.method = getattr(METHODS.get(name), "Options", MethodConfig)(name=name)
 
-SECTIONS = ("data", "model", "inner", "outer", "train")
+    def copy(self) -> "Config":
+        """A copy whose sections can be changed without touching this one."""
+        return dataclasses.replace(self, **{s: dataclasses.replace(getattr(self, s)) for s in SECTIONS})
+
+
+SECTIONS = ("data", "model", "inner", "outer", "train", "method")
+# Keys that do not change what a run computes (where it runs, how often it logs, how the same
+# arithmetic is split into passes); runs that differ only here are comparable. Report and sweep
+# both use this list.
+INCIDENTAL_KEYS = frozenset({"data.data_dir", "train.device", "train.tensorboard", "train.log_every",
+                             "train.eval_chunk", "train.chunk", "train.impl"})
 
 
 def valid_keys(cfg: Config | None = None) -> list[str]:
+    """Every section.key of cfg (the method section holds cfg's method's own options)."""
     cfg = cfg or Config()
     return [f"{s}.{f.name}" for s in SECTIONS for f in dataclasses.fields(getattr(cfg, s))]
 
@@ -206,39 +281,48 @@ def _check_type(value, tp, key: str):
     return value
 
 
-def _set(section_obj, section: str, key: str, value, from_string: bool):
+def _set(section_obj, section: str, key: str, value, from_string: bool, cfg: Config | None = None):
     hints = typing.get_type_hints(type(section_obj))
     if key not in hints:
-        raise ConfigError(f"unknown config key {section}.{key!r}; valid keys: {', '.join(valid_keys())}")
+        raise ConfigError(f"unknown config key {section}.{key!r}; valid keys: {', '.join(valid_keys(cfg))}")
     full = f"{section}.{key}"
     value = _parse(value, hints[key], full) if from_string else _check_type(value, hints[key], full)
+    if full == "method.name" and cfg is not None:  # the section becomes the method's own options
+        cfg.set_method(value)
+        return
     setattr(section_obj, key, value)
 
 
-def resolve_key(key: str) -> tuple[str, str]:
+def resolve_key(key: str, cfg: Config | None = None) -> tuple[str, str]:
     """'inner.steps' -> ('inner', 'steps'); a bare 'steps' works when only one section has it."""
+    cfg = cfg or Config()
     if "." in key:
         section, name = key.split(".", 1)
         if section not in SECTIONS:
-            raise ConfigError(f"unknown config section {section!r} in {key!r}; valid keys: {', '.join(valid_keys())}")
+            raise ConfigError(f"unknown config section {section!r} in {key!r}; valid keys: {', '.join(valid_keys(cfg))}")
         return section, name
-    owners = [s for s in SECTIONS if key in {f.name for f in dataclasses.fields(getattr(Config(), s))}]
+    owners = [s for s in SECTIONS if key in {f.name for f in dataclasses.fields(getattr(cfg, s))}]
     if len(owners) == 1:
         return owners[0], key
     if not owners:
-        raise ConfigError(f"unknown config key {key!r}; valid keys: {', '.join(valid_keys())}")
+        raise ConfigError(f"unknown config key {key!r}; valid keys: {', '.join(valid_keys(cfg))}")
     raise ConfigError(f"ambiguous key {key!r}: say {' or '.join(f'{s}.{key}' for s in owners)}")
 
 
 def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
-    """Apply `KEY=VALUE` strings to a copy of cfg and validate the result."""
-    cfg = dataclasses.replace(cfg, **{s: dataclasses.replace(getattr(cfg, s)) for s in SECTIONS})
+    """Apply `KEY=VALUE` strings to a copy of cfg and validate the result. `method.name` goes first,
+    since it decides which `method.*` keys exist."""
+    cfg = cfg.copy()
+    items = []
     for item in overrides:
         if "=" not in item:
-            raise ConfigError(f"override {item!r} is not KEY=VALUE; valid keys: {', '.join(valid_keys())}")
+            raise ConfigError(f"override {item!r} is not KEY=VALUE; valid keys: {', '.join(valid_keys(cfg))}")
         key, value = item.split("=", 1)
-        section, name = resolve_key(key.strip())
-        _set(getattr(cfg, section), section, name, value.strip(), from_string=True)
+        items.append((key.strip(), value.strip()))
+    items.sort(key=lambda kv: kv[0] not in ("method.name", "name"))  # stable: the rest keep their order
+    for key, value in items:
+        section, name = resolve_key(key, cfg)
+        _set(getattr(cfg, section), section, name, value, from_string=True, cfg=cfg)
     validate(cfg)
     return cfg
 
@@ -252,7 +336,7 @@ def apply_budget(cfg: Config) -> Config:
     f = cfg.train.budget
     if f == 1.0:
         return cfg
-    cfg = dataclasses.replace(cfg, **{s: dataclasses.replace(getattr(cfg, s)) for s in SECTIONS})
+    cfg = cfg.copy()
     cfg.train.epochs = max(1, round(cfg.train.epochs * f))
     cfg.outer.msl_epochs = max(1, round(cfg.outer.msl_epochs * f))
     if cfg.inner.da_epochs >= 0:  # first order for da_epochs + 1 epochs
@@ -273,6 +357,12 @@ def validate(cfg: Config) -> None:
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{key}={value}: must be >= 1")
+    for key, value in {"data.train_ways": d.train_ways, "data.train_queries": d.train_queries,
+                       "outer.lr_step_epochs": o.lr_step_epochs}.items():
+        if value < 0:
+            raise ConfigError(f"{key}={value}: must be >= 1 (or 0 for the default)")
+    if not 0.0 < o.lr_step_gamma <= 1.0:
+        raise ConfigError(f"outer.lr_step_gamma={o.lr_step_gamma}: must be in (0, 1]")
     if t.eval_chunk < 0:
         raise ConfigError(f"train.eval_chunk={t.eval_chunk}: must be >= 1 (or 0 for auto)")
     if t.chunk < 0:
@@ -281,10 +371,13 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.budget={t.budget}: must be in (0, 1], a fraction of the schedule")
     if i.eval_steps < 0:
         raise ConfigError(f"inner.eval_steps={i.eval_steps}: must be >= 1 (or 0 for 'same as inner.steps')")
-    if d.dataset == "sinusoid" and m.arch != "mlp":
-        raise ConfigError("data.dataset=sinusoid needs model.arch=mlp")
-    if d.dataset != "sinusoid" and m.arch != "conv4":
-        raise ConfigError(f"data.dataset={d.dataset} needs model.arch=conv4")
+    backbone = BACKBONES.get(m.arch)
+    inputs = "vector" if d.dataset == "sinusoid" else "image"
+    if backbone.inputs != inputs:
+        fitting = [n for n in BACKBONES.names() if BACKBONES.get(n).inputs == inputs]
+        raise ConfigError(f"data.dataset={d.dataset} gives {inputs} inputs but model.arch={m.arch} takes "
+                          f"{backbone.inputs} inputs; use model.arch={' or '.join(fitting)}")
+    METHODS.get(cfg.method.name).check(cfg, backbone)
     if m.bn_eval == "running" and not m.bnrs:
         raise ConfigError("model.bn_eval=running needs per-step running statistics: set model.bnrs=true")
     if not 0.0 < m.bn_momentum <= 1.0:

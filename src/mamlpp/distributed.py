@@ -14,6 +14,8 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
+from .config import ConfigError
+
 
 @dataclass(frozen=True)
 class Shard:
@@ -86,10 +88,17 @@ class Dist:
             dist.barrier()
 
 
+def select_device(name: str) -> torch.device:
+    """train.device: 'auto' (CUDA when there is one), 'cpu' or 'cuda'."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device=cuda but no CUDA device is available; use train.device=cpu or auto")
+    return torch.device(name)
+
+
 def init_from_env(device: str) -> tuple[Dist, torch.device]:
     """(Dist, device) for this process: one process alone, or a torchrun rank (NCCL on GPUs, gloo on CPUs)."""
-    from .trainer import select_device
-
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Dist(), select_device(device)
@@ -100,3 +109,9 @@ def init_from_env(device: str) -> tuple[Dist, torch.device]:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo")
     return Dist(rank, world), torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+
+
+def shutdown() -> None:
+    """Leave the process group (a torchrun rank that exits without it can abort in gloo's teardown)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()

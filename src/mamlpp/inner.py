@@ -17,10 +17,15 @@ from .config import InnerConfig
 Tree = dict[str, torch.Tensor]
 
 
-def init_rates(net: Tree, cfg: InnerConfig) -> Tree:
-    """LSLR / Meta-SGD rates initialised to cfg.lr; {} for a fixed rate."""
+def init_rates(net: Tree, cfg: InnerConfig, generator: torch.Generator | None = None) -> Tree:
+    """LSLR / Meta-SGD rates initialised to cfg.lr, or for Meta-SGD with cfg.lr_range = (lo, hi) each
+    element drawn from U[lo, hi] (the Meta-SGD paper); {} for a fixed rate."""
     if cfg.lr_mode == "lslr":
         return {k: torch.full((cfg.steps,), cfg.lr, dtype=v.dtype, device=v.device) for k, v in net.items()}
+    if cfg.lr_mode == "metasgd" and cfg.lr_range:
+        lo, hi = cfg.lr_range
+        return {k: (lo + (hi - lo) * torch.rand(v.shape, generator=generator, dtype=v.dtype)).to(v.device)
+                for k, v in net.items()}
     if cfg.lr_mode == "metasgd":
         return {k: torch.full_like(v, cfg.lr) for k, v in net.items()}
     return {}

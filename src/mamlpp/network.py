@@ -1,4 +1,8 @@
-"""The base learners as pure functions of an explicit parameter tree, for B tasks at once.
+"""The backbones (base learners) as pure functions of an explicit parameter tree, for B tasks at once.
+
+A backbone is a class registered with `@BACKBONES.register(name)` (the name is `model.arch`) that
+provides what `Backbone` below lists; methods build it from the config and call it. Adding one is a
+new class (here or in a file of its own that mamlpp imports) plus its registration.
 
 Parameter tree (all plain tensors; nothing is stored in modules):
   params["net"]  the inner-loop-adapted tensors: conv{i}.weight/bias, linear.weight/bias (or fc{i}.*)
@@ -15,15 +19,39 @@ Forward, backward and double backward are ordinary autograd, so no vmap is invol
 from __future__ import annotations
 
 import math
+from typing import Literal, Protocol
 
 import torch
 import torch.nn.functional as F
 
-from .config import ModelConfig
+from .config import BACKBONES, ModelConfig
 from .distributed import Shard
 
 Tree = dict[str, torch.Tensor]
 BN_EPS = 1e-5
+
+
+class Backbone(Protocol):
+    """The interface every backbone provides.
+
+    Built as Backbone(cfg.model, input_shape, num_outputs, bn_slots): num_outputs=0 means no head
+    (forward returns the features, for metric methods); bn_slots is the number of per-step BN slots.
+    """
+
+    name: str  # set by the registry
+    inputs: Literal["image", "vector"]  # the kind of data it takes (the config checks the data set)
+    features: int  # width of the features in front of the head
+    # Elements of the largest activation of one example: the trainer sizes its CPU chunks from it.
+    activation_elements: int
+
+    def init(self, generator: torch.Generator, dtype=torch.float32, device="cpu") -> tuple[dict[str, Tree], Tree]:
+        """({"net": adapted tensors, "bn": meta-learned-only tensors}, state such as BN running statistics)."""
+
+    def forward(self, net: Tree, bn: Tree, state: Tree, x: torch.Tensor, slot: int,
+                use_running: bool = False, want_stats: bool = False) -> tuple[torch.Tensor, dict]:
+        """x [B, n, *input_shape], each net tensor with a leading task axis B (a task's own weights,
+        or shared ones expanded) -> (outputs or features [B, n, num_outputs or features], BN stats
+        {layer: (mean [B, C], var [B, C])} when want_stats, for update_running_stats)."""
 
 
 def xavier_uniform(shape: tuple[int, ...], generator: torch.Generator, dtype, device) -> torch.Tensor:
@@ -105,8 +133,12 @@ def update_running_stats(state: Tree, passes: list[tuple[int, dict]], momentum: 
 
 
 # ---- the base learner: 4 x (conv3x3 -> BN -> leaky ReLU -> 2x2 max-pool) -> linear ------------------
+@BACKBONES.register("conv4")
 class Conv4:
-    """VGG-style base learner of MAML/MAML++ (spec section 1); static hyper-parameters only."""
+    """VGG-style base learner of MAML/MAML++ (spec section 1); static hyper-parameters only.
+    Without a head (num_outputs=0) it is the 4-block embedding of Matching and Prototypical Networks."""
+
+    inputs = "image"
 
     def __init__(self, cfg: ModelConfig, input_shape: tuple[int, int, int], num_outputs: int, bn_slots: int):
         self.cfg, self.input_shape, self.num_outputs = cfg, input_shape, num_outputs
@@ -118,6 +150,8 @@ class Conv4:
         if size < 1:
             raise ValueError(f"input size {input_shape[1]} is too small for {cfg.stages} stages")
         self.features = cfg.filters if cfg.pooling == "stride" else cfg.filters * size * size
+        first = input_shape[1] // self.stride
+        self.activation_elements = cfg.filters * first * first
 
     def init(self, generator: torch.Generator, dtype=torch.float32, device="cpu") -> tuple[dict[str, Tree], Tree]:
         c, f = self.input_shape[0], self.cfg.filters
@@ -125,8 +159,9 @@ class Conv4:
         for i in range(self.cfg.stages):
             net[f"conv{i}.weight"] = xavier_uniform((f, c if i == 0 else f, 3, 3), generator, dtype, device)
             net[f"conv{i}.bias"] = torch.zeros(f, dtype=dtype, device=device)
-        net["linear.weight"] = xavier_uniform((self.num_outputs, self.features), generator, dtype, device)
-        net["linear.bias"] = torch.zeros(self.num_outputs, dtype=dtype, device=device)
+        if self.num_outputs:
+            net["linear.weight"] = xavier_uniform((self.num_outputs, self.features), generator, dtype, device)
+            net["linear.bias"] = torch.zeros(self.num_outputs, dtype=dtype, device=device)
         shape = (self.bn_slots, f) if self.cfg.bnwb else (f,)
         bn, state = {}, {}
         for i in range(self.cfg.stages):
@@ -161,14 +196,21 @@ class Conv4:
         if self.cfg.pooling == "stride":
             h = h.mean((2, 3), keepdim=True)
         feats = h.reshape(n, tasks, -1).transpose(0, 1)  # [B, n, O*h*w] in (C, H, W) order per task
+        if not self.num_outputs:
+            return feats, stats
         return linear(feats, net["linear.weight"], net["linear.bias"]), stats
 
 
+@BACKBONES.register("mlp")
 class MLP:
     """Fully connected ReLU network for regression (MAML's sinusoid: 1-40-40-1), no batch norm."""
 
+    inputs = "vector"
+
     def __init__(self, cfg: ModelConfig, input_shape: tuple[int], num_outputs: int, bn_slots: int):
-        self.cfg, self.sizes = cfg, (input_shape[0], *cfg.hidden, num_outputs)
+        self.cfg, self.sizes = cfg, (input_shape[0], *cfg.hidden, *((num_outputs,) if num_outputs else ()))
+        self.features = self.sizes[-2] if num_outputs else self.sizes[-1]
+        self.activation_elements = max(self.sizes)
 
     def init(self, generator: torch.Generator, dtype=torch.float32, device="cpu") -> tuple[dict[str, Tree], Tree]:
         net = {}
@@ -187,5 +229,6 @@ class MLP:
         return x, {}
 
 
-def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], num_outputs: int, bn_slots: int):
-    return (Conv4 if cfg.arch == "conv4" else MLP)(cfg, input_shape, num_outputs, bn_slots)
+def build_backbone(cfg: ModelConfig, input_shape: tuple[int, ...], num_outputs: int, bn_slots: int) -> Backbone:
+    """The registered backbone that model.arch names."""
+    return BACKBONES.get(cfg.arch)(cfg, input_shape, num_outputs, bn_slots)

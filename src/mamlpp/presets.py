@@ -1,9 +1,12 @@
-"""Named presets: an experiment = a data-set half + an algorithm half (+ a flavour).
+"""Named presets: an experiment = a data-set half + an algorithm half (+ a flavour), with metadata.
 
-Algorithm halves (`ALGORITHMS`) switch the six MAML++ fixes; data halves (`DATASETS`) set the
-per-data-set values of the spec's section 8. Flavours: the unsuffixed name is the *paper* flavour
-(paper-era code, spec 8.5); `-reference` is the reference code's HEAD configs (spec 8.3/8.4).
-`mamlpp presets` lists every name; `get_preset(name)` returns a fresh Config.
+Algorithm halves (`ALGORITHMS`) pick the method and switch the six MAML++ fixes; data halves set
+the per-data-set values of the spec's section 8. Flavours: the unsuffixed name is the *paper*
+flavour (paper-era code, spec 8.5, or the method's own paper); `-reference` is the reference code's
+HEAD configs (spec 8.3/8.4); `-strided` the stability figure's strided network. Each preset records
+what the report needs to place it (approach, data set, N, K, inner steps, flavour) and the published
+number it is compared with. `mamlpp presets` lists every name; `get_preset(name)` returns a fresh
+Config; `resolve(name, overrides)` applies overrides and train.budget as `mamlpp train` does.
 """
 from __future__ import annotations
 
@@ -11,12 +14,92 @@ import difflib
 from dataclasses import dataclass
 from typing import Callable
 
-from .config import Config, ConfigError, validate
+from .config import Config, ConfigError, apply_budget, apply_overrides, validate
+
+
+# ---- published numbers (percent) ----------------------------------------------------------------------
+@dataclass(frozen=True)
+class PaperResult:
+    mean: float
+    std: float | None  # None: the source gives no +/-
+    source: str  # short label, used in the report's footnotes
+
+    def text(self) -> str:
+        return f"{self.mean:g}" if self.std is None else f"{self.mean:g} ± {self.std:g}"
+
+
+_MAML_ORIG = "MAML paper (Finn et al. 2017); its ± is a 95% CI over tasks"
+_MAMLPP = "MAML++ paper (ICLR 2019); ± is the std over 3 runs"
+_ABLATION = "MAML++ paper ablation (20-way 1-shot); ± is the std over 3 runs"
+_BLOG_STEPS = "MAML++ inner-step sweep (Nov-2018 blog); ± is the std over 3 runs"
+_TNAS = "MAML++ (ICLR) as cited by T-NAS, no ± given"
+_REPLICATION = "MAML++ authors' replication of MAML"
+_SIAMESE = "Vinyals et al.'s fine-tuned Siamese re-implementation, via the MAML and MAML++ tables; no ±"
+_MATCHING = "Matching Networks paper, Table 1 (cosine, no fine-tuning), via the MAML++ table; no ±"
+_MATCHING_MINI = "Ravi & Larochelle's Matching Nets FCE re-implementation, via the MAML++ table; ± is a 95% CI over tasks"
+_STATISTICIAN = "Neural Statistician paper, via the MAML and MAML++ tables; no ±"
+_MEMORY = "Kaiser et al. (Memory Module), via the MAML and MAML++ tables; no ±"
+_METASGD = "Meta-SGD paper, as quoted by MAML++; ± is a 95% CI over tasks"
+_METANET = "Meta Networks paper (Tables 1-2), via the MAML++ table; no ± given there"
+_METALSTM = "Ravi & Larochelle (Meta-LSTM) Table 1; ± is a 95% CI over tasks"
+_PROTO = "Prototypical Networks paper, Table 1; no ±"
+_PROTO_MINI = "Prototypical Networks paper, Table 2; ± is a 95% CI over 600 tasks"
+
+# (approach, data set, ways, shots, inner steps or None) -> the published number. The approach is the
+# row label of the paper's comparison tables; inner steps tell the MAML++ step sweep apart.
+PUBLISHED: dict[tuple, PaperResult] = {}
+
+
+def _publish(approach: str, dataset: str, cells: dict[tuple[int, int], tuple[float, float | None]], source: str,
+             steps: int | None = None) -> None:
+    for (ways, shots), (mean, std) in cells.items():
+        PUBLISHED[(approach, dataset, ways, shots, steps)] = PaperResult(mean, std, source)
+
+
+_publish("MAML", "omniglot", {(5, 1): (98.7, 0.4), (5, 5): (99.9, 0.1), (20, 1): (95.8, 0.3), (20, 5): (98.9, 0.2)},
+         _MAML_ORIG, 5)
+_publish("MAML++", "omniglot", {(5, 1): (99.47, None), (5, 5): (99.93, None)}, _TNAS, 5)  # PwC lists 99.85 for 5w5s
+_publish("MAML++", "omniglot", {(20, 1): (97.65, 0.05), (20, 5): (99.33, 0.03)}, _MAMLPP, 5)
+for _fix, _value in (("MSL", (91.53, 0.69)), ("LSLR", (95.77, 0.38)), ("BNWB + BNRS", (95.35, 0.23)),
+                     ("CA", (93.03, 0.44)), ("DA", (92.3, 0.55))):
+    _publish(f"MAML + {_fix}", "omniglot", {(20, 1): _value}, _ABLATION, 5)
+_publish("MAML", "mini_imagenet", {(5, 1): (48.70, 1.84), (5, 5): (63.11, 0.92)}, _MAML_ORIG, 5)
+_publish("MAML++", "mini_imagenet", {(5, 1): (52.15, 0.26), (5, 5): (68.32, 0.44)}, _MAMLPP, 5)
+for _steps, _value in ((1, 51.05), (2, 51.49), (3, 51.11), (4, 51.65)):
+    _publish("MAML++", "mini_imagenet", {(5, 1): (_value, {1: 0.31, 2: 0.25, 3: 0.11, 4: 0.34}[_steps])},
+             _BLOG_STEPS, _steps)
+_publish("Siamese Nets", "omniglot", {(5, 1): (97.3, None), (5, 5): (98.4, None), (20, 1): (88.2, None),
+                                      (20, 5): (97.0, None)}, _SIAMESE)
+_publish("Matching Nets", "omniglot", {(5, 1): (98.1, None), (5, 5): (98.9, None), (20, 1): (93.8, None),
+                                       (20, 5): (98.5, None)}, _MATCHING)
+_publish("Matching Nets", "mini_imagenet", {(5, 1): (43.56, 0.84), (5, 5): (55.31, 0.73)}, _MATCHING_MINI)
+_publish("Neural Statistician", "omniglot", {(5, 1): (98.1, None), (5, 5): (99.5, None), (20, 1): (93.2, None),
+                                             (20, 5): (98.1, None)}, _STATISTICIAN)
+_publish("Memory Module", "omniglot", {(5, 1): (98.4, None), (5, 5): (99.6, None), (20, 1): (95.0, None),
+                                       (20, 5): (98.6, None)}, _MEMORY)
+_publish("Meta-SGD", "omniglot", {(5, 1): (99.53, 0.26), (5, 5): (99.93, 0.09), (20, 1): (95.93, 0.38),
+                                  (20, 5): (98.97, 0.19)}, _METASGD, 1)
+_publish("Meta-SGD", "mini_imagenet", {(5, 1): (50.47, 1.87), (5, 5): (64.03, 0.94)}, _METASGD, 1)
+_publish("Meta-Networks", "omniglot", {(20, 1): (97.00, None)}, _METANET)
+_publish("Meta-Networks", "mini_imagenet", {(5, 1): (49.21, None)}, _METANET)
+_publish("Meta-LSTM", "mini_imagenet", {(5, 1): (43.44, 0.77), (5, 5): (60.60, 0.71)}, _METALSTM)
+_publish("Prototypical Networks", "omniglot", {(5, 1): (98.8, None), (5, 5): (99.7, None), (20, 1): (96.0, None),
+                                               (20, 5): (98.9, None)}, _PROTO)
+_publish("Prototypical Networks", "mini_imagenet", {(5, 1): (49.42, 0.78), (5, 5): (68.20, 0.66)}, _PROTO_MINI)
+# The MAML++ authors' own replication of MAML, shown beside the original-paper MAML number
+# (the baseline of the ablation table: MAML 20-way 1-shot 91.27 +/- 1.07).
+REPLICATIONS: dict[tuple, PaperResult] = {
+    ("MAML", "omniglot", 20, 1, 5): PaperResult(91.27, 1.07, f"{_REPLICATION}; std over 3 runs"),
+    ("MAML", "omniglot", 20, 5, 5): PaperResult(98.78, None, _REPLICATION),
+    ("MAML", "mini_imagenet", 5, 1, 5): PaperResult(48.64, None, _REPLICATION),
+    ("MAML", "mini_imagenet", 5, 5, 5): PaperResult(64.78, None, _REPLICATION),
+}
 
 
 # ---- algorithm halves -----------------------------------------------------------------------------
 def maml(cfg: Config) -> None:
     """MAML baseline as the MAML++ authors ran it: fixed inner LR, shared BN, single final loss."""
+    cfg.set_method("maml")
     cfg.inner.lr_mode = "fixed"
     cfg.inner.second_order = True
     cfg.inner.da_epochs = -1
@@ -53,6 +136,58 @@ def mamlpp(cfg: Config) -> None:
         fix(cfg)
 
 
+def metasgd(cfg: Config) -> None:
+    """Meta-SGD (spec 8): one inner step, a learned rate per element drawn from U[0.005, 0.1],
+    second order, MAML's meta-batches; 15 training queries per class."""
+    maml(cfg)
+    cfg.inner.lr_mode, cfg.inner.lr_range = "metasgd", (0.005, 0.1)
+    cfg.inner.steps = cfg.inner.eval_steps = 1
+    cfg.outer.task_reduction = "mean"
+    cfg.data.train_queries = 15
+    cfg.train.epochs, cfg.train.iters_per_epoch = 120, 500  # 60,000 meta-iterations, as MAML
+    if cfg.data.dataset == "omniglot":
+        cfg.outer.meta_batch = 32 if cfg.data.ways == 5 else 16
+    else:
+        cfg.model.filters = 32  # as MAML on Mini-ImageNet
+        cfg.outer.meta_batch = 4 if cfg.data.shots == 1 else 2
+
+
+def _metric(cfg: Config) -> None:
+    """What the metric methods share: the ReLU Conv4 embedding with 64 filters, batch norm in
+    evaluation mode at test time (running statistics), one episode per update, Adam 1e-3."""
+    cfg.model.activation, cfg.model.filters = "relu", 64
+    cfg.model.bnwb, cfg.model.bnrs, cfg.model.bn_eval = False, True, "running"
+    cfg.inner.lr_mode, cfg.outer.msl, cfg.outer.ca, cfg.inner.da_epochs = "fixed", False, False, -1
+    cfg.outer.meta_batch, cfg.outer.lr, cfg.outer.task_reduction, cfg.outer.grad_clamp = 1, 1e-3, "mean", None
+    cfg.train.iters_per_epoch = 500
+
+
+def protonet(cfg: Config) -> None:
+    """Prototypical Networks (spec 9.2): higher way in training (Omniglot 60-way with 5 queries;
+    Mini-ImageNet 30-way 1-shot / 20-way 5-shot with 15), lr halved every 2,000 episodes; 20,000
+    episodes, by which point the rate has fallen 1,000-fold (the paper stops on validation loss)."""
+    cfg.set_method("protonet")
+    _metric(cfg)
+    omniglot = cfg.data.dataset == "omniglot"
+    cfg.data.train_ways = 60 if omniglot else (30 if cfg.data.shots == 1 else 20)
+    cfg.data.train_queries = 5 if omniglot else 15
+    cfg.outer.lr_step_epochs, cfg.outer.lr_step_gamma = 4, 0.5
+    cfg.train.epochs = 40
+
+
+def matchingnet(cfg: Config) -> None:
+    """Matching Networks (spec 3, [adapt] defaults of 3.5): train at the test way and shot with 15
+    queries per class; FCE (K=3) on Mini-ImageNet only, as published; lr halved every 20,000
+    episodes; 60,000 episodes Omniglot, 100,000 Mini-ImageNet."""
+    omniglot = cfg.data.dataset == "omniglot"
+    cfg.set_method("matchingnet")
+    _metric(cfg)
+    cfg.method.fce = not omniglot
+    cfg.data.train_queries = 15
+    cfg.outer.lr_step_epochs, cfg.outer.lr_step_gamma = 40, 0.5
+    cfg.train.epochs = 120 if omniglot else 200
+
+
 ALGORITHMS: dict[str, Callable[[Config], None]] = {
     "maml": maml,
     "mamlpp": mamlpp,
@@ -61,7 +196,9 @@ ALGORITHMS: dict[str, Callable[[Config], None]] = {
     "maml+bn": lambda c: (maml(c), with_bn(c)),  # BNWB + BNRS
     "maml+ca": lambda c: (maml(c), with_ca(c)),
     "maml+da": lambda c: (maml(c), with_da(c)),
-    "metasgd": lambda c: (maml(c), setattr(c.inner, "lr_mode", "metasgd")),
+    "metasgd": metasgd,
+    "protonet": protonet,
+    "matchingnet": matchingnet,
 }
 
 
@@ -114,22 +251,49 @@ class Preset:
     name: str
     description: str
     build: Callable[[], Config]
+    approach: str  # the row of the paper's comparison tables: "MAML++", "Matching Nets", "MAML + LSLR", ...
+    flavour: str  # "paper", "reference" (reference-code HEAD), "strided" (the stability figure)
+    dataset: str
+    ways: int
+    shots: int
+    steps: int | None  # inner steps of a gradient-based method (tells the step sweep apart), else None
+
+    @property
+    def key(self) -> tuple:
+        return (self.approach, self.dataset, self.ways, self.shots, self.steps)
+
+    @property
+    def paper(self) -> PaperResult | None:
+        """The published number this preset is compared with (none for the strided network)."""
+        return None if self.flavour == "strided" else PUBLISHED.get(self.key)
+
+    @property
+    def replication(self) -> PaperResult | None:
+        return None if self.flavour == "strided" else REPLICATIONS.get(self.key)
 
 
 PRESETS: dict[str, Preset] = {}
 
 
-def register(name: str, description: str, *steps: Callable[[Config], None]) -> None:
-    def build() -> Config:
+def register(name: str, description: str, *steps: Callable[[Config], None], approach: str,
+             flavour: str = "paper") -> None:
+    def assemble() -> Config:
         cfg = Config(name=name)
         for step in steps:
             step(cfg)
+        return cfg
+
+    def build() -> Config:
+        cfg = assemble()
         validate(cfg)
         return cfg
 
     if name in PRESETS:
         raise ValueError(f"preset {name!r} registered twice")
-    PRESETS[name] = Preset(name, description, build)
+    cfg = assemble()  # metadata only; validated when built (methods register after this module loads)
+    inner = cfg.inner.test_steps if cfg.method.name == "maml" else None
+    PRESETS[name] = Preset(name, description, build, approach, flavour, cfg.data.dataset, cfg.data.ways,
+                           cfg.data.shots, inner)
 
 
 def get_preset(name: str) -> Config:
@@ -138,6 +302,12 @@ def get_preset(name: str) -> Config:
         hint = f" Did you mean: {', '.join(close)}?" if close else ""
         raise ConfigError(f"unknown preset {name!r}.{hint} Run 'mamlpp presets' for the list.")
     return PRESETS[name].build()
+
+
+def resolve(name: str, overrides: list[str]) -> Config:
+    """Preset, then KEY=VALUE overrides, then train.budget scaling (applied once, recorded in config.json):
+    the config `mamlpp train` runs."""
+    return apply_budget(apply_overrides(get_preset(name), overrides))
 
 
 def _sinusoid(cfg: Config) -> None:
@@ -150,30 +320,54 @@ def _sinusoid(cfg: Config) -> None:
     cfg.train.top_k = 1  # MAML reports its final model; validation here is only for checkpoint choice
 
 
-register("sinusoid-maml", "MAML on sinusoid regression (MAML paper 5.1), K=10, no download", maml, _sinusoid)
+register("sinusoid-maml", "MAML on sinusoid regression (MAML paper 5.1), K=10, no download", maml, _sinusoid,
+         approach="MAML")
 
-_METHOD_TEXT = {"maml": "MAML baseline", "mamlpp": "MAML++ (all six fixes)"}
+_LABEL = {"maml": "MAML", "mamlpp": "MAML++", "metasgd": "Meta-SGD", "protonet": "Prototypical Networks",
+          "matchingnet": "Matching Nets"}
+_TEXT = {"maml": "MAML baseline", "mamlpp": "MAML++ (all six fixes)", "metasgd": "Meta-SGD",
+         "protonet": "Prototypical Networks", "matchingnet": "Matching Networks"}
 for _suffix in ("", "-reference"):
     _ref = bool(_suffix)
     _what = "reference-code HEAD config" if _ref else "paper-era config"
+    _flav = "reference" if _ref else "paper"
     for _ways in (5, 20):
         for _shots in (1, 5):
             for _method in ("maml", "mamlpp"):
                 register(f"omniglot-{_ways}w{_shots}s-{_method}{_suffix}",
-                         f"Omniglot {_ways}-way {_shots}-shot, {_METHOD_TEXT[_method]}, {_what}",
+                         f"Omniglot {_ways}-way {_shots}-shot, {_TEXT[_method]}, {_what}",
                          ALGORITHMS[_method], omniglot(_ways, _shots, _ref),
-                         lambda c, r=_ref: _flavour(c, r))
+                         lambda c, r=_ref: _flavour(c, r), approach=_LABEL[_method], flavour=_flav)
     for _shots in (1, 5):
         for _method in ("maml", "mamlpp"):
             register(f"mini-5w{_shots}s-{_method}{_suffix}",
-                     f"Mini-ImageNet 5-way {_shots}-shot, {_METHOD_TEXT[_method]}, {_what}",
-                     ALGORITHMS[_method], mini_imagenet(_shots, _ref), lambda c, r=_ref: _flavour(c, r))
+                     f"Mini-ImageNet 5-way {_shots}-shot, {_TEXT[_method]}, {_what}",
+                     ALGORITHMS[_method], mini_imagenet(_shots, _ref), lambda c, r=_ref: _flavour(c, r),
+                     approach=_LABEL[_method], flavour=_flav)
 # The inner-step sweep and the single-fix ablations exist only in the paper (no HEAD configs).
 for _steps in (1, 2, 3, 4):
     register(f"mini-5w1s-mamlpp-{_steps}steps",
              f"Mini-ImageNet 5-way 1-shot MAML++ with {_steps} inner steps, paper-era config",
              ALGORITHMS["mamlpp"], mini_imagenet(1, False), lambda c: _flavour(c, False),
-             lambda c, s=_steps: (setattr(c.inner, "steps", s), setattr(c.inner, "eval_steps", s)))
-for _fix, _text in (("msl", "MSL"), ("lslr", "LSLR"), ("bn", "BNWB+BNRS"), ("ca", "CA"), ("da", "DA")):
+             lambda c, s=_steps: (setattr(c.inner, "steps", s), setattr(c.inner, "eval_steps", s)),
+             approach="MAML++")
+for _fix, _text in (("msl", "MSL"), ("lslr", "LSLR"), ("bn", "BNWB + BNRS"), ("ca", "CA"), ("da", "DA")):
     register(f"omniglot-20w1s-maml+{_fix}", f"Ablation: Omniglot 20-way 1-shot, MAML + {_text} only, paper-era config",
-             omniglot(20, 1, False), ALGORITHMS[f"maml+{_fix}"])
+             omniglot(20, 1, False), ALGORITHMS[f"maml+{_fix}"], approach=f"MAML + {_text}")
+# The paper's stability figure: MAML and MAML++ on the strided network (no max-pooling).
+for _method in ("maml", "mamlpp"):
+    register(f"omniglot-20w1s-{_method}-strided",
+             f"Stability figure: Omniglot 20-way 1-shot, {_TEXT[_method]} on the strided network, paper-era config",
+             ALGORITHMS[_method], omniglot(20, 1, False), lambda c: setattr(c.model, "pooling", "stride"),
+             approach=_LABEL[_method], flavour="strided")
+# The comparison methods, on the same data, episodes and test protocol as MAML++ (the data half sets
+# the test tasks: Omniglot T=1, Mini-ImageNet T=15; the method sets its own training tasks after it).
+for _method in ("protonet", "matchingnet", "metasgd"):
+    for _ways in (5, 20):
+        for _shots in (1, 5):
+            register(f"omniglot-{_ways}w{_shots}s-{_method}",
+                     f"Omniglot {_ways}-way {_shots}-shot, {_TEXT[_method]}, its paper's setup",
+                     omniglot(_ways, _shots, False), ALGORITHMS[_method], approach=_LABEL[_method])
+    for _shots in (1, 5):
+        register(f"mini-5w{_shots}s-{_method}", f"Mini-ImageNet 5-way {_shots}-shot, {_TEXT[_method]}, its paper's setup",
+                 mini_imagenet(_shots, False), ALGORITHMS[_method], approach=_LABEL[_method])

@@ -1,122 +1,66 @@
 """`mamlpp report RUN_DIR... [--out DIR]`: tables in the paper's layout and plots, across runs.
 
-Runs are grouped by preset name (config.json "name"); the seeds of one preset are its repeats. Each
-table cell holds our mean +/- standard deviation over runs of the ensemble test accuracy (test.json)
-beside the paper's number (PAPER_RESULTS, spec section 9). The paper's MAML++ +/- is the standard
-deviation over 3 runs; the original MAML paper's +/- are 95% confidence intervals over tasks.
+Runs are grouped by preset name (config.json "name"); the seeds of one preset are its repeats. The
+comparison tables (Omniglot, Mini-ImageNet 5-way) place each preset by its metadata (approach, data
+set, N, K, inner steps: presets.py), one row per approach as in the MAML++ paper, every method of
+mamlpp beside the published number; approaches that are published numbers only are marked. Each
+cell holds our mean +/- standard deviation over runs of the ensemble test accuracy (test.json).
 
 Written to the output folder:
   report.md                        tables (Omniglot, Mini-ImageNet, other presets, per run) and notes
   learning_curves_<preset>.png     validation accuracy (loss for regression) and training loss
   lslr_<preset>_seed<S>.png        learned LSLR rates, layer x step, from the best checkpoint
   msl_weights_<preset>.png         MSL loss weights per inner step over the epochs
+  stability.png                    the paper's stability figure: every seed of the -strided presets
 
 Only the standard library, config and presets are imported at module level, so `mamlpp --help`
 stays fast; torch and matplotlib load when a report is made.
 """
 from __future__ import annotations
 
-import csv
 import io
 import json
-import math
 import re
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import Config, ConfigError, flat_keys
-from .presets import PRESETS, get_preset
+from .config import INCIDENTAL_KEYS, Config, ConfigError, flat_keys
+from .presets import PRESETS, PUBLISHED, REPLICATIONS, PaperResult, get_preset
+from .rundir import RunDir, RunDirError, TestResult
 
 
-# ---- the paper's numbers (spec section 9), in percent ---------------------------------------------
-@dataclass(frozen=True)
-class PaperResult:
-    mean: float
-    std: float | None  # None: the paper gives no +/-
-    source: str  # short label, used in the footnotes
-
-    def text(self) -> str:
-        return f"{self.mean:g}" if self.std is None else f"{self.mean:g} ± {self.std:g}"
-
-
-_MAML_ORIG = "MAML paper (Finn et al. 2017); its ± is a 95% CI over tasks"
-_MAMLPP = "MAML++ paper (ICLR 2019); ± is the std over 3 runs"
-_ABLATION = "MAML++ paper ablation (20-way 1-shot); ± is the std over 3 runs"
-_BLOG_STEPS = "MAML++ inner-step sweep (Nov-2018 blog); ± is the std over 3 runs"
-_TNAS = "MAML++ (ICLR) as cited by T-NAS, no ± given"
-
-PAPER_RESULTS: dict[str, PaperResult] = {
-    # Omniglot: MAML as in the original MAML paper (its ± are 95% CIs over tasks, not std over runs).
-    "omniglot-5w1s-maml": PaperResult(98.7, 0.4, _MAML_ORIG),
-    "omniglot-5w5s-maml": PaperResult(99.9, 0.1, _MAML_ORIG),
-    "omniglot-20w1s-maml": PaperResult(95.8, 0.3, _MAML_ORIG),
-    "omniglot-20w5s-maml": PaperResult(98.9, 0.2, _MAML_ORIG),
-    "omniglot-5w1s-mamlpp": PaperResult(99.47, None, _TNAS),
-    "omniglot-5w5s-mamlpp": PaperResult(99.93, None, _TNAS),  # Papers-with-Code lists 99.85
-    "omniglot-20w1s-mamlpp": PaperResult(97.65, 0.05, _MAMLPP),
-    "omniglot-20w5s-mamlpp": PaperResult(99.33, 0.03, _MAMLPP),
-    "omniglot-20w1s-maml+msl": PaperResult(91.53, 0.69, _ABLATION),
-    "omniglot-20w1s-maml+lslr": PaperResult(95.77, 0.38, _ABLATION),
-    "omniglot-20w1s-maml+bn": PaperResult(95.35, 0.23, _ABLATION),
-    "omniglot-20w1s-maml+ca": PaperResult(93.03, 0.44, _ABLATION),
-    "omniglot-20w1s-maml+da": PaperResult(92.3, 0.55, _ABLATION),
-    # Mini-ImageNet 5-way.
-    "mini-5w1s-maml": PaperResult(48.70, 1.84, _MAML_ORIG),
-    "mini-5w5s-maml": PaperResult(63.11, 0.92, _MAML_ORIG),
-    "mini-5w1s-mamlpp": PaperResult(52.15, 0.26, _MAMLPP),
-    "mini-5w5s-mamlpp": PaperResult(68.32, 0.44, _MAMLPP),
-    "mini-5w1s-mamlpp-1steps": PaperResult(51.05, 0.31, _BLOG_STEPS),
-    "mini-5w1s-mamlpp-2steps": PaperResult(51.49, 0.25, _BLOG_STEPS),
-    "mini-5w1s-mamlpp-3steps": PaperResult(51.11, 0.11, _BLOG_STEPS),
-    "mini-5w1s-mamlpp-4steps": PaperResult(51.65, 0.34, _BLOG_STEPS),
-}
-
-# The MAML++ authors' own replication of MAML, shown beside the original-paper MAML number
-# (the baseline of the ablation table: MAML 20-way 1-shot 91.27 +/- 1.07).
-PAPER_MAML_REPLICATION: dict[str, PaperResult] = {
-    "omniglot-20w1s-maml": PaperResult(91.27, 1.07, "MAML++ authors' replication of MAML; std over 3 runs"),
-    "omniglot-20w5s-maml": PaperResult(98.78, None, "MAML++ authors' replication of MAML"),
-    "mini-5w1s-maml": PaperResult(48.64, None, "MAML++ authors' replication of MAML"),
-    "mini-5w5s-maml": PaperResult(64.78, None, "MAML++ authors' replication of MAML"),
-}
-
-REFERENCE_SUFFIX = "-reference"
-
-
+# ---- the paper's numbers (presets.py holds them with each preset's metadata) ------------------------
 def paper_result(preset: str) -> PaperResult | None:
-    """The paper's number for a preset; `-reference` presets share their unsuffixed name's."""
-    if preset.endswith(REFERENCE_SUFFIX):
-        preset = preset[: -len(REFERENCE_SUFFIX)]
-    return PAPER_RESULTS.get(preset)
+    """The published number a preset is compared with; `-reference` presets share their unsuffixed name's."""
+    return PRESETS[preset].paper if preset in PRESETS else None
 
 
-# ---- table layouts ------------------------------------------------------------------------------------
-OMNIGLOT_COLUMNS = [("5-way 1-shot", "5w1s"), ("5-way 5-shot", "5w5s"), ("20-way 1-shot", "20w1s"),
-                    ("20-way 5-shot", "20w5s")]
-OMNIGLOT_ROWS = [("MAML", "maml"), ("MAML++", "mamlpp")]
-OMNIGLOT_ABLATIONS = [("MAML + MSL", "omniglot-20w1s-maml+msl"), ("MAML + LSLR", "omniglot-20w1s-maml+lslr"),
-                      ("MAML + BNWB + BNRS", "omniglot-20w1s-maml+bn"), ("MAML + CA", "omniglot-20w1s-maml+ca"),
-                      ("MAML + DA", "omniglot-20w1s-maml+da")]
-MINI_COLUMNS = [("1-shot", "1"), ("5-shot", "5")]
-# (label, inner steps, {column key: preset})
-MINI_ROWS = [("MAML", 5, {"1": "mini-5w1s-maml", "5": "mini-5w5s-maml"})] + \
-            [("MAML++", s, {"1": f"mini-5w1s-mamlpp-{s}steps"}) for s in (1, 2, 3, 4)] + \
-            [("MAML++", 5, {"1": "mini-5w1s-mamlpp", "5": "mini-5w5s-mamlpp"})]
+PAPER_RESULTS: dict[str, PaperResult] = {name: p.paper for name, p in PRESETS.items()
+                                         if p.paper is not None and p.flavour == "paper"}
+
+# ---- table layouts: rows are approaches, columns (ways, shots); cells are found by preset metadata -----
+OMNIGLOT_COLUMNS = [("5-way 1-shot", (5, 1)), ("5-way 5-shot", (5, 5)), ("20-way 1-shot", (20, 1)),
+                    ("20-way 5-shot", (20, 5))]
+MINI_COLUMNS = [("1-shot", (5, 1)), ("5-shot", (5, 5))]
+# The MAML++ paper's comparison rows, then ours; ablation rows ("MAML + X") appear when they were run.
+APPROACH_ORDER = ["Siamese Nets", "Matching Nets", "Neural Statistician", "Memory Module", "Meta-SGD",
+                  "Meta-Networks", "Meta-LSTM", "Prototypical Networks", "MAML", "MAML++"]
+PUBLISHED_ONLY = "†"  # marks rows that are published numbers only (not yet a method of mamlpp)
 
 
-def _omniglot_table_presets() -> set[str]:
-    names = {f"omniglot-{key}-{algo}" for _, key in OMNIGLOT_COLUMNS for _, algo in OMNIGLOT_ROWS}
-    return names | {p for _, p in OMNIGLOT_ABLATIONS}
+def _table_cells(dataset: str) -> dict[tuple, str]:
+    """(approach, ways, shots, steps) -> the paper-flavour preset that fills that cell."""
+    return {(p.approach, p.ways, p.shots, p.steps): name for name, p in PRESETS.items()
+            if p.dataset == dataset and p.flavour == "paper"}
 
 
-def _mini_table_presets() -> set[str]:
-    return {p for _, _, cells in MINI_ROWS for p in cells.values()}
+def _table_presets(dataset: str) -> set[str]:
+    return set(_table_cells(dataset).values())
 
 
-# Keys that do not change what a run computes; left out of "differs from the preset".
-_IGNORED_KEYS = {"train.seed", "train.device", "train.tensorboard", "train.impl", "train.log_every",
-                 "train.eval_chunk", "data.data_dir"}
+# Keys that do not change what a run computes, plus the seed (the repeats of one preset differ in it).
+_IGNORED_KEYS = INCIDENTAL_KEYS | {"train.seed"}
 
 
 # ---- loading runs -------------------------------------------------------------------------------------
@@ -128,7 +72,7 @@ class Run:
     preset: str
     seed: int
     kind: str  # "classification" or "regression"
-    test: dict | None
+    test: TestResult | None
     metrics: list[dict]
     iterations: int | None
     planned_iterations: int
@@ -139,9 +83,7 @@ class Run:
         """Ensemble test accuracy in percent (classification) or MSE after adaptation (regression)."""
         if self.test is None:
             return None
-        if self.kind == "classification":
-            return 100.0 * self.test["accuracy"]
-        return self.test["mse_after_adaptation"]
+        return 100.0 * self.test.metric if self.kind == "classification" else self.test.metric
 
     def config_object(self) -> Config:
         try:
@@ -170,41 +112,24 @@ def _differences(config: dict) -> list[str]:
     return out
 
 
-def _read_metrics(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    rows = []
-    with open(path, newline="") as f:
-        for r in csv.DictReader(f):
-            try:
-                rows.append({"iteration": int(r["iteration"]), "epoch": int(r["epoch"]), "phase": r["phase"],
-                             "loss": float(r["loss"]) if r.get("loss") not in ("", None) else math.nan,
-                             "accuracy": float(r["accuracy"]) if r.get("accuracy") not in ("", None) else None})
-            except (KeyError, ValueError):
-                continue  # a torn last line of a killed run
-    return rows
-
-
 def load_run(path: str) -> Run:
     """Read one run directory; FileNotFoundError when it is not one (no config.json)."""
-    run_dir = Path(path)
-    config_path = run_dir / "config.json"
-    if not config_path.is_file():
-        what = "does not exist" if not run_dir.exists() else "has no config.json"
-        raise FileNotFoundError(f"{path} is not a run directory: it {what} (expected the --out folder of "
-                                "'mamlpp train')")
-    config = json.loads(config_path.read_text())
-    test_path = run_dir / "test.json"
-    test = json.loads(test_path.read_text()) if test_path.is_file() else None
-    metrics = _read_metrics(run_dir / "metrics.csv")
+    run_dir = RunDir(path)
+    config = run_dir.read_config_dict()
+    test = run_dir.read_test()
+    metrics = run_dir.read_metrics()
     iterations = max((r["iteration"] for r in metrics), default=None)
-    if iterations is None and (run_dir / "summary.json").is_file():
-        iterations = json.loads((run_dir / "summary.json").read_text()).get("iterations")
+    if iterations is None:
+        iterations = (run_dir.read_summary() or {}).get("iterations")
     train = config.get("train", {})
     dataset = config.get("data", {}).get("dataset", "")
-    kind = "regression" if dataset == "sinusoid" or (test and "mse_after_adaptation" in test) else "classification"
-    return Run(path=run_dir, label=str(path), config=config, preset=config.get("name", "custom"),
-               seed=int(train.get("seed", 0)), kind=kind, test=test, metrics=metrics, iterations=iterations,
+    kind = "regression" if dataset == "sinusoid" or (test and test.kind == "regression") else "classification"
+    try:
+        seed = int(train.get("seed", 0))
+    except (TypeError, ValueError):
+        raise RunDirError(f"{run_dir.config_path}: train.seed = {train.get('seed')!r}: expected an integer") from None
+    return Run(path=run_dir.path, label=str(path), config=config, preset=config.get("name", "custom"),
+               seed=seed, kind=kind, test=test, metrics=metrics, iterations=iterations,
                planned_iterations=int(train.get("epochs", 0)) * int(train.get("iters_per_epoch", 0)),
                overrides=_differences(config))
 
@@ -238,13 +163,14 @@ def _ours(stats, kind: str = "classification") -> str:
     return f"{fmt(mean)} ± {fmt(std)} {runs}" if std is not None else f"{fmt(mean)} {runs}"
 
 
-def _paper_cell(preset: str, marks: dict[str, str]) -> str:
-    p = paper_result(preset)
+def _paper_cell(key: tuple | None, marks: dict[str, str]) -> str:
+    """The published number for (approach, data set, ways, shots, steps), with the authors' own
+    replication of MAML after a slash where there is one."""
+    p = PUBLISHED.get(key) if key else None
     if p is None:
         return "–"
-    base = preset[: -len(REFERENCE_SUFFIX)] if preset.endswith(REFERENCE_SUFFIX) else preset
     text = f"{p.text()} [{marks.setdefault(p.source, _mark(len(marks)))}]"
-    rep = PAPER_MAML_REPLICATION.get(base)
+    rep = REPLICATIONS.get(key)
     if rep is not None:
         text += f" / {rep.text()} [{marks.setdefault(rep.source, _mark(len(marks)))}]"
     return text
@@ -265,53 +191,59 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 
 STD_NOTE = ("Ours: mean ± standard deviation over runs (seeds) of the ensemble test accuracy in percent, "
-            "with the number of runs. Paper: mean ± standard deviation over 3 runs (MAML++ authors), except "
-            "where a footnote says otherwise (the original MAML paper's ± are 95% confidence intervals over tasks).")
+            "with the number of runs, all on the same 600 fixed test tasks per setting. Paper: mean ± standard "
+            "deviation over 3 runs (MAML++ authors), except where a footnote says otherwise (the original MAML "
+            "paper's ± are 95% confidence intervals over tasks).")
+
+
+def _comparison_rows(dataset: str, groups: dict[str, list[Run]]) -> list[tuple[str, int | None]]:
+    """(approach, inner steps) of each table row: the paper's comparison rows and every approach with a
+    preset, in APPROACH_ORDER; ablations ("MAML + X") only when they were run."""
+    cells = _table_cells(dataset)
+    keys = {(a, st) for a, _, _, st in cells} | {(a, st) for a, d, _, _, st in PUBLISHED if d == dataset}
+    rank = {a: i for i, a in enumerate(APPROACH_ORDER)}
+    rows = sorted((k for k in keys if k[0] in rank), key=lambda k: (rank[k[0]], k[1] or 0))
+    ran = {(a, st) for (a, _, _, st), name in cells.items() if groups.get(name)}
+    ablations = list(dict.fromkeys(p.approach for p in PRESETS.values() if p.approach.startswith("MAML + ")))
+    return rows + [(a, st) for a in ablations for (b, st) in sorted(ran, key=str) if b == a]
+
+
+def _comparison_section(title: str, dataset: str, columns, groups: dict[str, list[Run]], steps_column: bool,
+                        extra: list[str]) -> list[str]:
+    marks: dict[str, str] = {}
+    cells = _table_cells(dataset)
+    header = ["approach"] + (["inner steps"] if steps_column else [])
+    header += [h for name, _ in columns for h in (f"{name} (ours)", f"{name} (paper)")]
+    rows, unmeasured = [], False
+    for approach, steps in _comparison_rows(dataset, groups):
+        measured = any(a == approach for a, *_ in cells)
+        unmeasured |= not measured
+        row = [approach if measured else f"{approach} {PUBLISHED_ONLY}"]
+        row += [str(steps) if steps else "–"] if steps_column else []
+        for _, (ways, shots) in columns:
+            preset = cells.get((approach, ways, shots, steps))
+            row += [_ours(run_statistics(groups.get(preset, []))) if preset else "–",
+                    _paper_cell((approach, dataset, ways, shots, steps), marks)]
+        rows.append(row)
+    lines = [f"## {title}", ""] + _table(header, rows) + [""]
+    lines += [STD_NOTE, ""] + extra
+    if unmeasured:
+        lines += [f"{PUBLISHED_ONLY} Published number only: not yet a method of mamlpp, so not measured here. Every "
+                  "other row is a method of mamlpp, trained and tested in this harness.", ""]
+    lines += [f"{note}  " for note in _footnotes(marks)] + [""]
+    return lines
 
 
 def _omniglot_section(groups: dict[str, list[Run]]) -> list[str]:
-    marks: dict[str, str] = {}
-    header = ["approach"] + [h for name, _ in OMNIGLOT_COLUMNS for h in (f"{name} (ours)", f"{name} (paper)")]
-    rows = []
-    for label, algo in OMNIGLOT_ROWS:
-        row = [label]
-        for _, key in OMNIGLOT_COLUMNS:
-            preset = f"omniglot-{key}-{algo}"
-            row += [_ours(run_statistics(groups.get(preset, []))), _paper_cell(preset, marks)]
-        rows.append(row)
-    for label, preset in OMNIGLOT_ABLATIONS:
-        if preset not in groups:
-            continue
-        row = [label]
-        for _, key in OMNIGLOT_COLUMNS:
-            row += ([_ours(run_statistics(groups[preset])), _paper_cell(preset, marks)] if key == "20w1s"
-                    else ["–", "–"])
-        rows.append(row)
-    lines = ["## Omniglot", ""] + _table(header, rows) + [""]
-    lines += [STD_NOTE, "", "MAML's paper column shows the original MAML paper's number first and, after the slash, "
-              "the MAML++ authors' own replication of MAML (the baseline of their ablation table, 20-way 1-shot "
-              "91.27 ± 1.07).", ""]
-    lines += [f"{note}  " for note in _footnotes(marks)] + [""]
-    return lines
+    return _comparison_section("Omniglot", "omniglot", OMNIGLOT_COLUMNS, groups, False, [
+        "MAML's paper column shows the original MAML paper's number first and, after the slash, the MAML++ "
+        "authors' own replication of MAML (the baseline of their ablation table, 20-way 1-shot 91.27 ± 1.07).", ""])
 
 
 def _mini_section(groups: dict[str, list[Run]]) -> list[str]:
-    marks: dict[str, str] = {}
-    header = ["approach", "inner steps"] + [h for name, _ in MINI_COLUMNS for h in (f"{name} (ours)",
-                                                                                    f"{name} (paper)")]
-    rows = []
-    for label, steps, cells in MINI_ROWS:
-        row = [label, str(steps)]
-        for _, key in MINI_COLUMNS:
-            preset = cells.get(key)
-            row += ([_ours(run_statistics(groups.get(preset, []))), _paper_cell(preset, marks)] if preset
-                    else ["–", "–"])
-        rows.append(row)
-    lines = ["## Mini-ImageNet 5-way", ""] + _table(header, rows) + [""]
-    lines += [STD_NOTE, "", "MAML's paper column shows the original MAML paper's number first and, after the slash, "
-              "the MAML++ authors' own reproduction of MAML.", ""]
-    lines += [f"{note}  " for note in _footnotes(marks)] + [""]
-    return lines
+    return _comparison_section("Mini-ImageNet 5-way", "mini_imagenet", MINI_COLUMNS, groups, True, [
+        "MAML's paper column shows the original MAML paper's number first and, after the slash, the MAML++ "
+        "authors' own reproduction of MAML.", ""])
 
 
 def _generic_section(groups: dict[str, list[Run]]) -> list[str]:
@@ -322,8 +254,9 @@ def _generic_section(groups: dict[str, list[Run]]) -> list[str]:
         metric = ("ensemble test accuracy (%)" if kind == "classification"
                   else "test MSE after adaptation (lower is better)")
         dataset = members[0].config.get("data", {}).get("dataset", "?")
+        key = PRESETS[preset].key if preset in PRESETS else None
         rows.append([preset, dataset, str(len(members)), metric, _ours(run_statistics(members), kind),
-                     _paper_cell(preset, marks)])
+                     _paper_cell(key, marks)])
     lines = ["## Other presets", ""]
     lines += _table(["preset", "data set", "runs", "metric", "ours (mean ± std over runs)", "paper"], rows) + [""]
     lines += ["Ours: mean ± standard deviation over the runs (seeds) with a test.json; 'runs' counts every run "
@@ -340,17 +273,15 @@ def _per_run_section(runs: list[Run]) -> list[str]:
         if t is None:
             ens, single, size = "– (no test.json)", "–", "–"
         elif r.kind == "classification":
-            ens = f"{100 * t['accuracy']:.2f}% ± {100 * t.get('ci95', 0.0):.2f}"
-            single = (f"{100 * t['single_model_accuracy']:.2f}% ± {100 * t.get('single_model_ci95', 0.0):.2f}"
-                      if "single_model_accuracy" in t else "–")
-            size = str(t.get("ensemble_size", "–"))
+            ens = f"{100 * t.metric:.2f}% ± {100 * t.ci95:.2f}"
+            single = f"{100 * t.single_model:.2f}% ± {100 * t.single_model_ci95:.2f}"
+            size = str(t.ensemble_size)
         else:
-            ens = f"MSE {t['mse_after_adaptation']:.4f} ± {t.get('ci95', 0.0):.4f}"
-            single = (f"MSE {t['single_model_mse_after_adaptation']:.4f}"
-                      if "single_model_mse_after_adaptation" in t else "–")
-            if "mse_before_adaptation" in t:
-                single += f" (before adaptation {t['mse_before_adaptation']:.4f})"
-            size = str(t.get("ensemble_size", "–"))
+            ens = f"MSE {t.metric:.4f} ± {t.ci95:.4f}"
+            single = f"MSE {t.single_model:.4f}"
+            if t.mse_before_adaptation is not None:
+                single += f" (before adaptation {t.mse_before_adaptation:.4f})"
+            size = str(t.ensemble_size)
         if r.iterations is None:
             its = "–"
         elif r.planned_iterations and r.iterations < r.planned_iterations:
@@ -369,7 +300,7 @@ def _per_run_section(runs: list[Run]) -> list[str]:
 def render_markdown(runs: list[Run], plots: dict[str, list[Path]], notes: list[str], out_dir: Path) -> str:
     groups = group_by_preset(runs)
     tested = {p: [r for r in m if r.test is not None] for p, m in groups.items()}
-    omniglot, mini = _omniglot_table_presets(), _mini_table_presets()
+    omniglot, mini = _table_presets("omniglot"), _table_presets("mini_imagenet")
     lines = ["# mamlpp report", "", f"{len(runs)} run(s), {len(groups)} preset(s): "
              + ", ".join(f"{p} ({len(m)})" for p, m in groups.items()), ""]
     if any(p in omniglot and tested[p] for p in groups):
@@ -393,7 +324,8 @@ def render_markdown(runs: list[Run], plots: dict[str, list[Path]], notes: list[s
         lines += ["## Notes", ""] + [f"* {n}" for n in notes] + [""]
     if any(plots.values()):
         lines += ["## Plots", ""]
-        titles = {"learning_curves": "Learning curves", "lslr": "Learned LSLR rates", "msl_weights": "MSL weights"}
+        titles = {"learning_curves": "Learning curves", "lslr": "Learned LSLR rates", "msl_weights": "MSL weights",
+                  "stability": "Stability (the paper's figure)"}
         for key, paths in plots.items():
             for p in paths:
                 rel = p.relative_to(out_dir) if p.is_relative_to(out_dir) else p
@@ -470,20 +402,12 @@ def _layer_order(name: str):
 
 def lslr_rates(run: Run):
     """(tensor names in network order, rates [names][steps], description of the checkpoint used), or None."""
-    import torch
-
-    folder = run.path / "checkpoints"
-    path, what = None, ""
-    index_path = folder / "index.json"
-    if index_path.is_file():
-        index = json.loads(index_path.read_text())
-        if index and (folder / index[0]["file"]).is_file():
-            path, what = folder / index[0]["file"], f"best validation checkpoint, epoch {index[0]['epoch']}"
-    if path is None and (folder / "latest.pt").is_file():
-        path, what = folder / "latest.pt", "latest checkpoint"
-    if path is None:
+    run_dir = RunDir(run.path)
+    found = run_dir.best_checkpoint()
+    if found is None:
         return None
-    params = torch.load(path, map_location="cpu", weights_only=True)["params"]
+    path, what = found
+    params = run_dir.load_checkpoint(path)["params"]
     rates = {k[len("lr."):]: v for k, v in params.items() if k.startswith("lr.")}
     names = sorted(rates, key=_layer_order)
     return names, [[float(x) for x in rates[n].reshape(-1)] for n in names], what
@@ -563,11 +487,36 @@ def plot_msl(preset: str, members: list[Run], out_dir: Path) -> tuple[Path | Non
     return _save(fig, out_dir / f"msl_weights_{_safe(preset)}.png"), note
 
 
+def plot_stability(runs: list[Run], out_dir: Path) -> Path | None:
+    """The paper's stability figure: validation accuracy of every seed of MAML and MAML++ on the strided
+    network (presets of flavour "strided"), overlaid, one colour per approach."""
+    strided = [r for r in runs if r.preset in PRESETS and PRESETS[r.preset].flavour == "strided" and r.metrics]
+    if not strided:
+        return None
+    fig = _figure(7.5, 4.5)
+    ax = fig.subplots()
+    colours = {}
+    for r in sorted(strided, key=lambda r: (PRESETS[r.preset].approach, r.seed)):
+        approach = PRESETS[r.preset].approach
+        val = [m for m in r.metrics if m["phase"] == "val" and m["accuracy"] is not None]
+        first = approach not in colours
+        colour = colours.setdefault(approach, f"C{len(colours)}")
+        ax.plot([m["iteration"] for m in val], [100 * m["accuracy"] for m in val], color=colour, linewidth=1.4,
+                alpha=0.85, label=approach if first else None)
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("validation accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title("Stability on the strided network (one line per seed)", fontsize=9)
+    return _save(fig, out_dir / "stability.png")
+
+
 # ---- entry points ---------------------------------------------------------------------------------------
 def make_report(run_dirs: list[str], out_dir: str) -> dict:
     """Write report.md and the plots for run_dirs into out_dir.
 
-    Returns {"report": path of report.md, "learning_curves": [...], "lslr": [...], "msl_weights": [...]}
+    Returns {"report": path of report.md, "learning_curves": [...], "lslr": [...], "msl_weights": [...],
+    "stability": [...]}
     (paths as strings). Raises FileNotFoundError naming the first path that is not a run directory.
     """
     from .files import atomic_write_bytes
@@ -584,7 +533,7 @@ def make_report(run_dirs: list[str], out_dir: str) -> dict:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     groups = group_by_preset(runs)
-    plots: dict[str, list[Path]] = {"learning_curves": [], "lslr": [], "msl_weights": []}
+    plots: dict[str, list[Path]] = {"learning_curves": [], "lslr": [], "msl_weights": [], "stability": []}
     notes: list[str] = []
     no_checkpoint: list[str] = []
     for preset, members in groups.items():
@@ -615,6 +564,9 @@ def make_report(run_dirs: list[str], out_dir: str) -> dict:
                 plots["lslr"].append(path)
             else:
                 no_checkpoint.append(r.label)
+    path = plot_stability(runs, out)
+    if path:
+        plots["stability"].append(path)
     if no_checkpoint:
         notes.append("No LSLR plot (inner.lr_mode=lslr, but no checkpoints/index.json entry or latest.pt with "
                      f"learned rates): {', '.join(no_checkpoint)}")
@@ -626,7 +578,7 @@ def make_report(run_dirs: list[str], out_dir: str) -> dict:
 def cmd_report(args) -> int:
     written = make_report(args.run_dirs, args.out)
     print(f"wrote {written['report']}")
-    for key in ("learning_curves", "lslr", "msl_weights"):
+    for key in ("learning_curves", "lslr", "msl_weights", "stability"):
         for path in written[key]:
             print(f"wrote {path}")
     return 0

@@ -1,4 +1,5 @@
-"""The three epoch-driven schedules of MAML++: MSL, DA and CA (spec sections 2.4, 3 and 5.2).
+"""The three epoch-driven schedules of MAML++: MSL, DA and CA (spec sections 2.4, 3 and 5.2), and the
+step decay of the meta learning rate that Prototypical Networks use.
 
 Each is a closed-form function of the integer epoch, so a resumed run lands on the same values.
 """
@@ -49,3 +50,11 @@ def cosine_lr(cfg: Config, epoch: int) -> float:
     if not o.ca:
         return o.lr
     return o.eta_min + (o.lr - o.eta_min) * (1 + math.cos(math.pi * epoch / cfg.train.epochs)) / 2
+
+
+def meta_lr(cfg: Config, epoch: int) -> float:
+    """The meta learning rate of an epoch: CA's cosine, times outer.lr_step_gamma for every
+    outer.lr_step_epochs epochs completed (step decay; off when lr_step_epochs is 0)."""
+    lr = cosine_lr(cfg, epoch)
+    o = cfg.outer
+    return lr * o.lr_step_gamma ** (epoch // o.lr_step_epochs) if o.lr_step_epochs else lr

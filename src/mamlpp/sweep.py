@@ -36,27 +36,19 @@ import typing
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import Config, ConfigError, flat_keys, resolve_key, valid_keys
-from .presets import get_preset
+from .config import INCIDENTAL_KEYS, Config, ConfigError, flat_keys, resolve_key, valid_keys
+from .presets import get_preset, resolve
+from .rundir import RunDir, TestResult
 
 EXECUTORS = ("local", "submitit-local", "slurm")
 SWEEP_FILE = "sweep.json"
 SUBMITIT_FOLDER = "submitit"
 REPORT_FOLDER = "report"
 
-# Keys that may differ between a run directory's config.json and a relaunched sweep: they do not
-# change what the run computes (the device can change when a sweep moves to another machine).
-_COMPATIBLE_KEYS = {"train.device", "data.data_dir", "train.eval_chunk", "train.tensorboard", "train.log_every"}
 # Slurm states of a job that is still queued or running (sacct/squeue spelling).
 _ACTIVE_SLURM_STATES = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING",
                         "COMPLETING", "SUSPENDED", "RESIZING", "STAGE_OUT", "SIGNALING"}
 _MAX_NAME = 180  # characters of a run directory name before the -seed<S> suffix
-
-
-def resolve_config(preset: str, overrides: list[str]) -> Config:
-    from .cli import resolve_config as resolve  # the one definition `mamlpp train` uses
-
-    return resolve(preset, overrides)
 
 
 def import_submitit():
@@ -74,29 +66,31 @@ class Axis:
     values: tuple[str, ...]  # the alternatives, as override strings
 
 
-def _key_type(section: str, name: str):
-    hints = typing.get_type_hints(type(getattr(Config(), section)))
+def _key_type(base: Config, section: str, name: str):
+    hints = typing.get_type_hints(type(getattr(base, section)))
     if name not in hints:
-        raise ConfigError(f"unknown config key {section}.{name!r}; valid keys: {', '.join(valid_keys())}")
+        raise ConfigError(f"unknown config key {section}.{name!r}; valid keys: {', '.join(valid_keys(base))}")
     tp = hints[name]
     if typing.get_origin(tp) is typing.Union:  # Optional[X]
         tp = [a for a in typing.get_args(tp) if a is not type(None)][0]
     return tp
 
 
-def parse_grid(items: list[str]) -> tuple[list[str], list[Axis]]:
-    """Split KEY=V1,V2 items into plain overrides (one value) and grid axes (several), keys made full."""
+def parse_grid(items: list[str], base: Config | None = None) -> tuple[list[str], list[Axis]]:
+    """Split KEY=V1,V2 items into plain overrides (one value) and grid axes (several), keys made full.
+    base: the preset's config (its method decides which method.* keys exist)."""
+    base = base or Config()
     plain: list[str] = []
     axes: list[Axis] = []
     seen: set[str] = set()
     for item in items:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not KEY=VALUE or KEY=V1,V2,...; valid keys: "
-                              f"{', '.join(valid_keys())}")
+                              f"{', '.join(valid_keys(base))}")
         key, text = item.split("=", 1)
-        section, name = resolve_key(key.strip())
+        section, name = resolve_key(key.strip(), base)
         full = f"{section}.{name}"
-        is_tuple = typing.get_origin(_key_type(section, name)) is tuple
+        is_tuple = typing.get_origin(_key_type(base, section, name)) is tuple
         if full == "train.seed":
             raise ConfigError("set the seeds with --seeds S1 S2 ..., not train.seed")
         if full in seen:
@@ -154,12 +148,12 @@ def plan_sweep(preset: str, seeds: list[int], items: list[str], out: str | os.Pa
         -> tuple[list[str], list[Axis], list[SweepRun]]:
     """(plain overrides, axes, runs); every run's config is resolved here, so any bad key or value
     raises ConfigError before anything is written or submitted."""
-    get_preset(preset)  # an unknown preset fails with its own message first
+    base = get_preset(preset)  # an unknown preset fails with its own message first
     if not seeds:
         raise ConfigError("--seeds needs at least one seed")
     if len(set(seeds)) != len(seeds):
         raise ConfigError(f"--seeds {' '.join(map(str, seeds))}: a seed is repeated")
-    plain, axes = parse_grid(items)
+    plain, axes = parse_grid(items, base)
     out = Path(out)
     runs: list[SweepRun] = []
     names: dict[str, list[str]] = {}
@@ -169,7 +163,7 @@ def plan_sweep(preset: str, seeds: list[int], items: list[str], out: str | os.Pa
         for seed in seeds:
             overrides = plain + grid + [f"train.seed={seed}"]
             try:
-                cfg = resolve_config(preset, overrides)
+                cfg = resolve(preset, overrides)
             except ConfigError as e:
                 where = f" (grid point {' '.join(grid)})" if grid else ""
                 raise ConfigError(f"{e}{where}") from None
@@ -184,11 +178,11 @@ def plan_sweep(preset: str, seeds: list[int], items: list[str], out: str | os.Pa
 
 def config_differences(run_dir: str | os.PathLike, cfg: Config) -> list[str]:
     """'key: old -> new' for each key where RUN_DIR/config.json differs from cfg (compatible keys aside)."""
-    stored = flat_keys(json.loads((Path(run_dir) / "config.json").read_text()))
+    stored = flat_keys(RunDir(run_dir).read_config_dict())
     wanted = flat_keys(json.loads(cfg.to_json()))  # tuples become lists, as in config.json
     out = []
     for key in sorted(set(stored) | set(wanted)):
-        if key in _COMPATIBLE_KEYS:
+        if key in INCIDENTAL_KEYS:
             continue
         if stored.get(key) != wanted.get(key):
             out.append(f"{key}: {json.dumps(stored.get(key))} -> {json.dumps(wanted.get(key))}")
@@ -197,7 +191,7 @@ def config_differences(run_dir: str | os.PathLike, cfg: Config) -> list[str]:
 
 def check_existing(run_dir: str | os.PathLike, cfg: Config) -> None:
     """A run directory that already holds a run must hold this run (else resuming would mix configs)."""
-    if not (Path(run_dir) / "config.json").is_file():
+    if not RunDir(run_dir).is_run():
         return
     diff = config_differences(run_dir, cfg)
     if diff:
@@ -206,10 +200,10 @@ def check_existing(run_dir: str | os.PathLike, cfg: Config) -> None:
 
 
 def run_status(run_dir: str | os.PathLike) -> str:
-    run_dir = Path(run_dir)
-    if (run_dir / "summary.json").is_file():
+    run = RunDir(run_dir)
+    if run.summary_path.is_file():
         return "done"
-    if (run_dir / "config.json").is_file():
+    if run.is_run():
         return "partial"  # started before: will resume from its latest checkpoint
     return "pending"
 
@@ -251,23 +245,23 @@ class RunJob:
     progress: bool = False
 
     def __call__(self) -> dict:
-        run_dir = Path(self.run_dir)
-        summary_path = run_dir / "summary.json"
-        if summary_path.is_file():
-            return json.loads(summary_path.read_text())
-        cfg = resolve_config(self.preset, self.overrides)
-        resume = (run_dir / "config.json").is_file()
+        run = RunDir(self.run_dir)
+        summary = run.read_summary()
+        if summary is not None:
+            return summary
+        cfg = resolve(self.preset, self.overrides)
+        resume = run.is_run()
         if resume:
-            check_existing(run_dir, cfg)
+            check_existing(run.path, cfg)
         _distributed_env_from_submitit()
 
+        from .data import build_tasks
         from .distributed import init_from_env
-        from .tasks import build_tasks
-        from .trainer import train
+        from .experiment import train
 
         dist, device = init_from_env(cfg.train.device)
         tasks = build_tasks(cfg, device, data_dir=self.data_dir)
-        return train(cfg, tasks, run_dir, device, progress=self.progress, resume=resume, run_test=self.run_test,
+        return train(cfg, tasks, run.path, device, progress=self.progress, resume=resume, run_test=self.run_test,
                      dist=dist)
 
     def checkpoint(self, *args, **kwargs):
@@ -351,7 +345,7 @@ class Sweep:
                       not self.args.no_test, progress)
 
     def finish(self, run: SweepRun, summary: dict | None, error: BaseException | None) -> None:
-        if error is None and (run.run_dir / "summary.json").is_file():
+        if error is None and RunDir(run.run_dir).summary_path.is_file():
             run.status, run.error = "done", None
         else:
             run.status = "failed"
@@ -361,9 +355,7 @@ class Sweep:
         if run.status == "done":
             print(f"[{done}/{len(self.runs)} done] {run.name}")
             if summary and summary.get("final"):
-                from .cli import print_result
-
-                print_result(summary["final"])
+                print(TestResult.from_dict(summary["final"]).describe())
         else:
             print(f"[{done}/{len(self.runs)} done] {run.name} FAILED: {run.error}", file=sys.stderr)
 

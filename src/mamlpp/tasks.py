@@ -16,7 +16,6 @@ from typing import Literal, Protocol
 
 import torch
 
-from .config import Config
 
 Episodes = dict[str, torch.Tensor]
 
@@ -38,15 +37,3 @@ def task_seed(seed: int, split: str, index: int) -> int:
     fixed set whatever the seed (like the reference's fixed val seed), drawn independently of it."""
     key = f"{seed}/train/{index}" if split == "train" else f"fixed/{split}/{index}"
     return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") >> 1
-
-
-def build_tasks(cfg: Config, device: torch.device, data_dir: str | None = None) -> TaskSource:
-    """The task source that cfg.data names, with tensors on `device`."""
-    dtype = getattr(torch, cfg.train.dtype)
-    if cfg.data.dataset == "sinusoid":
-        from .sinusoid import SinusoidTasks
-
-        return SinusoidTasks(cfg.data, seed=cfg.train.seed, device=device, dtype=dtype)
-    from .data import build_image_tasks
-
-    return build_image_tasks(cfg, device=device, dtype=dtype, data_dir=data_dir)

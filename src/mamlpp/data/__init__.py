@@ -21,7 +21,7 @@ import torch
 from .common import DataError, ImageSet, Split, resolve_cache_root, resolve_data_root
 from .sampler import ImageTasks
 
-__all__ = ["DataError", "ImageSet", "ImageTasks", "Split", "build_image_tasks", "load_image_set",
+__all__ = ["DataError", "ImageSet", "ImageTasks", "Split", "build_image_tasks", "build_tasks", "load_image_set",
            "resolve_cache_root", "resolve_data_root"]
 
 
@@ -56,6 +56,16 @@ def load_image_set(data_cfg, data_dir: str | os.PathLike | None = None, *, cache
     raise DataError(f"data.dataset={dataset} is not an image data set")
 
 
+def build_tasks(cfg, device: torch.device, data_dir: str | None = None):
+    """The task source (mamlpp.tasks.TaskSource) that cfg.data names, with tensors on `device`."""
+    dtype = getattr(torch, cfg.train.dtype)
+    if cfg.data.dataset == "sinusoid":
+        from ..sinusoid import SinusoidTasks
+
+        return SinusoidTasks(cfg.data, seed=cfg.train.seed, device=device, dtype=dtype)
+    return build_image_tasks(cfg, device=device, dtype=dtype, data_dir=data_dir)
+
+
 def build_image_tasks(cfg, device: torch.device, dtype: torch.dtype, data_dir: str | None = None, *,
                       cache_dir=None, csv_dir=None) -> ImageTasks:
     """The TaskSource for an image data set (cfg: mamlpp.config.Config). Checks N, K and T against
@@ -65,4 +75,5 @@ def build_image_tasks(cfg, device: torch.device, dtype: torch.dtype, data_dir: s
     data = load_image_set(cfg.data, data_dir, cache_dir=cache_dir, csv_dir=csv_dir)
     augment = bool(cfg.data.augment and data.dataset == "omniglot" and cfg.data.split == "reference")
     return ImageTasks(data, cfg.data.ways, cfg.data.shots, cfg.data.queries, seed=cfg.train.seed,
-                      augment=augment, device=device, dtype=dtype)
+                      augment=augment, device=device, dtype=dtype,
+                      train_ways=cfg.data.train_ways, train_queries=cfg.data.train_queries)

@@ -52,9 +52,12 @@ class ImageTasks:
     kind = "classification"
 
     def __init__(self, data: ImageSet, ways: int, shots: int, queries: int, seed: int, augment: bool,
-                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                 train_ways: int = 0, train_queries: int = 0):
         self.data = data
         self.ways, self.shots, self.queries = ways, shots, queries
+        # Training tasks may have more classes or queries than evaluation tasks (0: the same).
+        self.train_ways, self.train_queries = train_ways or ways, train_queries or queries
         self.input_shape = tuple(int(d) for d in data.images.shape[1:])
         self.num_outputs = ways
         self.device, self.dtype = torch.device(device), dtype
@@ -86,19 +89,24 @@ class ImageTasks:
             self._scale = (1.0 / (255.0 * std)).to(dtype).view(c, 1, 1).to(self.device)
             self._shift = (-mean / std).to(dtype).view(c, 1, 1).to(self.device)
 
+    def _shape(self, split: str) -> tuple[int, int]:
+        """(ways, queries) of a split's tasks."""
+        return (self.train_ways, self.train_queries) if split == "train" else (self.ways, self.queries)
+
     def _check_sizes(self) -> None:
-        n_way, need = self.ways, self.shots + self.queries
         counts = self.data.counts
         for name, split in self.data.splits.items():
+            n_way, queries = self._shape(name)
+            prefix = "data.train_" if name == "train" and (n_way, queries) != (self.ways, self.queries) else "data."
             if len(split.classes) < n_way:
                 raise DataError(f"{self.data.dataset}: split '{name}' has {len(split.classes)} classes, "
-                                f"fewer than data.ways={n_way}")
-            small = np.flatnonzero(counts[split.classes] < need)
+                                f"fewer than {prefix}ways={n_way}")
+            small = np.flatnonzero(counts[split.classes] < self.shots + queries)
             if len(small):
                 i = small[0]
                 raise DataError(f"{self.data.dataset}: split '{name}', class {split.names[i]} has "
-                                f"{counts[split.classes[i]]} images, fewer than data.shots + data.queries = "
-                                f"{self.shots}+{self.queries}" + (f" ({len(small)} such classes)" if len(small) > 1 else ""))
+                                f"{counts[split.classes[i]]} images, fewer than data.shots + {prefix}queries = "
+                                f"{self.shots}+{queries}" + (f" ({len(small)} such classes)" if len(small) > 1 else ""))
 
     def split_sizes(self) -> dict[str, dict[str, int]]:
         return self.data.split_sizes()
@@ -108,7 +116,8 @@ class ImageTasks:
         order, rotation codes [B, N] (k of np.rot90), image indices [B, N, K+T] (support first)."""
         if split not in self._tables:
             raise ValueError(f"unknown split {split!r}; expected one of {', '.join(self._tables)}")
-        t, n, m = self._tables[split], self.ways, self.shots + self.queries
+        (n, queries), t = self._shape(split), self._tables[split]
+        m = self.shots + queries
         g = torch.Generator()
         cls, rot, u = [], [], []
         for i in indices:
@@ -125,14 +134,14 @@ class ImageTasks:
 
     def episodes(self, split: str, indices: Sequence[int]) -> Episodes:
         p = self.plan(split, indices)
-        n, k = self.ways, self.shots
+        (n, queries), k = self._shape(split), self.shots
         rotations = p["rotations"] if self._perms is not None and bool(p["rotations"].any()) else None
         labels = torch.arange(n, device=self.device)
         return {
             "xs": self._gather(p["images"][..., :k], rotations),
             "ys": labels.repeat_interleave(k).repeat(len(indices), 1),
             "xq": self._gather(p["images"][..., k:], rotations),
-            "yq": labels.repeat_interleave(self.queries).repeat(len(indices), 1),
+            "yq": labels.repeat_interleave(queries).repeat(len(indices), 1),
         }
 
     def _gather(self, index: torch.Tensor, rotations: torch.Tensor | None) -> torch.Tensor:

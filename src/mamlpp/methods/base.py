@@ -1,0 +1,90 @@
+"""The method interface: what the trainer, evaluation, bench, distributed training and the report
+need from a few-shot algorithm, and nothing else.
+
+A method is a class registered with `@METHODS.register(name)` (the name is `method.name`). The
+trainer builds it once per run, `method = Method(cfg, kind, input_shape, num_outputs)`, and then only
+calls the functions below, each over explicit tensors: parameters `params` ({group: {name: tensor}},
+e.g. {"net": ..., "bn": ..., "lr": ...}) and state `state` ({name: tensor}, e.g. batch-norm running
+statistics or a memory) go in, new state comes out, nothing is stored in the object or mutated.
+That is what lets checkpoints, exact resume, chunked meta-batches and torchrun work for every method.
+
+Episodes are the dict of tensors that tasks.py documents: xs [B, N*K, ...], ys [B, N*K], xq, yq.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..config import Config, ConfigError, MethodConfig
+from ..distributed import Shard
+from ..network import Backbone
+
+Tree = dict[str, torch.Tensor]
+Params = dict[str, Tree]
+
+
+class Method:
+    name: str  # set by METHODS.register
+    Options: type[MethodConfig] = MethodConfig  # the `method.*` config section; subclass to add options
+    kinds: tuple[str, ...] = ("classification",)  # task kinds it handles (tasks.py: classification, regression)
+    backbones: tuple[str, ...] | None = None  # model.arch values it accepts; None: every registered backbone
+    loop_oracle = False  # has a per-task loop implementation (train.impl=loop) to test the parallel path against
+    backbone: "Backbone"  # built in __init__; its activation_elements size the trainer's CPU chunks
+
+    def __init__(self, cfg: Config, kind: str, input_shape: tuple[int, ...], num_outputs: int):
+        self.cfg, self.kind, self.input_shape, self.num_outputs = cfg, kind, input_shape, num_outputs
+
+    @classmethod
+    def check(cls, cfg: Config, backbone) -> None:
+        """Raise ConfigError for a config this method cannot run, naming the keys (config.validate
+        calls it). Subclasses extend it with their own rules."""
+        if cls.backbones is not None and backbone.name not in cls.backbones:
+            raise ConfigError(f"method.name={cls.name} accepts model.arch={' or '.join(cls.backbones)}, "
+                              f"not model.arch={backbone.name}")
+        kind = "regression" if cfg.data.dataset == "sinusoid" else "classification"
+        if kind not in cls.kinds:
+            raise ConfigError(f"method.name={cls.name} does {' and '.join(cls.kinds)}, and data.dataset="
+                              f"{cfg.data.dataset} is {kind}")
+        if cfg.train.impl == "loop" and not cls.loop_oracle:
+            raise ConfigError(f"train.impl=loop: method.name={cls.name} has no per-task loop; use train.impl=parallel")
+
+    def init(self, generator: torch.Generator, dtype: torch.dtype, device) -> tuple[Params, Tree]:
+        """(params, state) at the start of training, drawn from `generator` only (deterministic)."""
+        raise NotImplementedError
+
+    def trainable(self, params: Params) -> list[torch.Tensor]:
+        """The tensors the meta-optimiser trains (every one of them by default)."""
+        return [t for tree in params.values() for t in tree.values()]
+
+    def clamped(self, params: Params) -> list[torch.Tensor]:
+        """The tensors whose gradients outer.grad_clamp clamps (by default those it trains)."""
+        return self.trainable(params)
+
+    def meta_loss(self, params: Params, state: Tree, episodes: dict, epoch: int,
+                  shard: Shard = Shard()) -> tuple[torch.Tensor, dict[str, torch.Tensor], Tree]:
+        """Training loss of a batch of episodes: (loss, metrics, new_state).
+
+        loss = shard.combine(per-task losses, cfg.outer.task_reduction): a sum or a mean over tasks,
+        which is what lets the trainer split a meta-batch into chunks (threading the state through
+        them in task order) and processes share it (shard). metrics: detached scalar tensors, at
+        least "loss" and, for classification, "accuracy" (no host sync).
+        """
+        raise NotImplementedError
+
+    def predict(self, params: Params, state: Tree, episodes: dict) -> dict[str, torch.Tensor]:
+        """Evaluation of many tasks at once, no meta-graph, state unchanged. Per task:
+        {"loss": [B], "output": [B, n, ...], "accuracy": [B] (classification)}. "output" is logits:
+        unnormalised log-probabilities, which the test protocol averages over checkpoints."""
+        raise NotImplementedError
+
+
+def flatten(params: Params) -> dict[str, torch.Tensor]:
+    """{'net': {'conv0.weight': t}, 'lr': {...}} -> {'net.conv0.weight': t, 'lr.conv0.weight': ...}"""
+    return {f"{group}.{name}": t for group, tree in params.items() for name, t in tree.items()}
+
+
+def leaves(params: Params) -> Params:
+    """params with every tensor made a leaf that requires grad (what the meta-optimiser updates)."""
+    for tree in params.values():
+        for tensor in tree.values():
+            tensor.requires_grad_(True)
+    return params
