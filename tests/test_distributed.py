@@ -50,6 +50,7 @@ def assert_same_params(a, b, tol):
 @pytest.mark.parametrize("preset, extra", [
     ("sinusoid-maml", ["model.hidden=16,16"]),
     ("omniglot-5w1s-mamlpp", ["model.filters=8", "inner.steps=2"]),  # BNRS state is all-reduced too
+    ("omniglot-5w1s-protonet", ["model.filters=8", "data.train_ways=10"]),  # a metric method, running stats
 ])
 def test_two_processes_match_one(tmp_path, preset, extra, request):
     env = {}

@@ -28,7 +28,9 @@ def mini_root(tmp_path_factory):
 
 
 @pytest.mark.parametrize("preset", ["omniglot-20w1s-mamlpp", "omniglot-5w5s-maml", "omniglot-20w1s-maml+lslr",
-                                    "omniglot-5w1s-mamlpp-reference"])
+                                    "omniglot-5w1s-mamlpp-reference", "omniglot-20w1s-protonet",
+                                    "omniglot-5w5s-matchingnet", "omniglot-20w1s-metasgd",
+                                    "omniglot-20w1s-mamlpp-strided"])
 def test_omniglot_presets_train_and_test(preset, tmp_path, omniglot_env):
     out = tmp_path / "run"
     assert main(["train", preset, *TINY, "train.top_k=2", "--out", str(out), "--no-progress"]) == 0
@@ -40,9 +42,11 @@ def test_omniglot_presets_train_and_test(preset, tmp_path, omniglot_env):
 
 def test_mini_imagenet_presets_on_generated_images(tmp_path, mini_root, monkeypatch, data_cache_dir):
     monkeypatch.setenv("MAMLPP_CACHE", str(data_cache_dir))
-    for preset in ("mini-5w1s-mamlpp", "mini-5w1s-mamlpp-2steps", "mini-5w5s-maml"):
+    for preset in ("mini-5w1s-mamlpp", "mini-5w1s-mamlpp-2steps", "mini-5w5s-maml", "mini-5w1s-matchingnet",
+                   "mini-5w1s-protonet"):
         out = tmp_path / preset
-        extra = ["data.queries=3"]  # 12 images per generated class: K + T must fit
+        # 12 images per generated class: K + T must fit; 6 training classes for the higher training way
+        extra = ["data.queries=3", "data.train_queries=3"] + (["data.train_ways=6"] if "protonet" in preset else [])
         assert main(["train", preset, *TINY, *extra, "--out", str(out), "--data-dir", str(mini_root),
                      "--no-progress"]) == 0
         cfg = json.loads((out / "config.json").read_text())

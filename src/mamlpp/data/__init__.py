@@ -41,9 +41,10 @@ def load_image_set(data_cfg, data_dir: str | os.PathLike | None = None, *, cache
         return load_folder(data_cfg, Path(folder).expanduser(), cache_root, force)
     root = resolve_data_root(data_dir, data_cfg.data_dir)
     if dataset == "omniglot":
+        from .download import download_omniglot
         from .omniglot import load_omniglot
 
-        return load_omniglot(data_cfg, root, cache_root, force, download)
+        return load_omniglot(data_cfg, root, cache_root, force, fetch=download_omniglot if download else None)
     if dataset == "mini_imagenet":
         from .common import _env
         from .mini_imagenet import load_mini_imagenet

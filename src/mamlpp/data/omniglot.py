@@ -13,6 +13,7 @@ import re
 import zipfile
 import zlib
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from PIL import Image
@@ -186,19 +187,17 @@ def vinyals_splits(root: Path, class_names: list[str]) -> dict[str, Split]:
 
 
 def load_omniglot(data_cfg, root: Path, cache_root: Path, force: bool = False,
-                  download: bool = True, base_url: str | None = None) -> ImageSet:
+                  fetch: Callable[[Path, list[str]], None] | None = None) -> ImageSet:
     """The Omniglot ImageSet with the split data_cfg.split names, building the cache if needed."""
     size = data_cfg.image_size or 28
     if data_cfg.channels not in (0, 1):
         raise DataError(f"data.channels={data_cfg.channels}: Omniglot images have 1 channel")
     sources = find_sources(root)
     if len(sources) < len(ARCHIVES):
-        if not download:
-            missing = [n for n in ARCHIVES if n not in sources]
+        missing = [n for n in ARCHIVES if n not in sources]
+        if fetch is None:
             raise DataError(f"Omniglot not found: put {', '.join(m + '.zip' for m in missing)} in {Path(root) / 'omniglot'}")
-        from .download import download_omniglot
-
-        download_omniglot(Path(root) / "omniglot", [n for n in ARCHIVES if n not in sources], base_url)
+        fetch(Path(root) / "omniglot", missing)  # download.download_omniglot (checksummed)
         sources = find_sources(root)
     checksums = {n: source_checksum(p) for n, p in sources.items()}
     folder = entry_dir(cache_root, "omniglot", {"dataset": "omniglot", "sources": checksums, "size": size})
