@@ -203,3 +203,30 @@ def test_register_adds_the_report_subcommand(tmp_path, sinusoid_runs, capsys, mo
     assert args.func(args) == 0 and (tmp_path / "elsewhere" / "lslr_sinusoid-maml_seed1.png").is_file()
     with pytest.raises(SystemExit):
         parser.parse_args(["report"])  # at least one RUN_DIR
+
+
+def test_comparison_rows_for_every_method_and_published_only_rows(tmp_path):
+    dirs = [fake_run(tmp_path / f"p{s}", "omniglot-20w1s-protonet", s, a) for s, a in enumerate([0.95, 0.96])]
+    dirs += [fake_run(tmp_path / "m0", "mini-5w1s-matchingnet", 0, 0.44)]
+    md = Path(report.make_report(dirs, str(tmp_path / "out"))["report"]).read_text()
+    omniglot = section(md, "Omniglot")
+    proto = row(omniglot, "Prototypical Networks")
+    assert proto[5] == cell([95.0, 96.0]) and proto[6].startswith("96 [") and proto[1] == "–"
+    siamese = row(omniglot, "Siamese Nets †")  # published only: marked, never measured
+    assert siamese[5] == "–" and siamese[6].startswith("88.2") and "Published number only" in omniglot
+    assert row(omniglot, "Meta-SGD")[6].startswith("95.93 ± 0.38") and row(omniglot, "Matching Nets")[5] == "–"
+    mini = section(md, "Mini-ImageNet 5-way")
+    matching = row(mini, "Matching Nets")
+    assert matching[1] == "–" and matching[2] == "44.00 (1 run)" and matching[3].startswith("43.56 ± 0.84")
+    assert row(mini, "Meta-Networks †")[3].startswith("49.21") and row(mini, "Meta-SGD")[1] == "1"
+
+
+def test_stability_figure_overlays_the_strided_seeds(tmp_path):
+    dirs = [fake_run(tmp_path / f"{m}{s}", f"omniglot-20w1s-{m}-strided", s, 0.9) for m in ("maml", "mamlpp")
+            for s in range(3)]
+    written = report.make_report(dirs, str(tmp_path / "out"))
+    assert written["stability"] == [str(tmp_path / "out" / "stability.png")]
+    assert_png(written["stability"][0])
+    md = Path(written["report"]).read_text()
+    assert "](stability.png)" in md and "## Omniglot" not in md  # strided runs are not the paper's table rows
+    assert row(section(md, "Other presets"), "omniglot-20w1s-mamlpp-strided")[5] == "–"  # no published number

@@ -254,7 +254,7 @@ def _generic_section(groups: dict[str, list[Run]]) -> list[str]:
         metric = ("ensemble test accuracy (%)" if kind == "classification"
                   else "test MSE after adaptation (lower is better)")
         dataset = members[0].config.get("data", {}).get("dataset", "?")
-        key = PRESETS[preset].key if preset in PRESETS else None
+        key = PRESETS[preset].key if paper_result(preset) is not None else None
         rows.append([preset, dataset, str(len(members)), metric, _ours(run_statistics(members), kind),
                      _paper_cell(key, marks)])
     lines = ["## Other presets", ""]
