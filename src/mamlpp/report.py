@@ -191,9 +191,9 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 
 STD_NOTE = ("Ours: mean ± standard deviation over runs (seeds) of the ensemble test accuracy in percent, "
-            "with the number of runs, all on the same 600 fixed test tasks per setting. Paper: mean ± standard "
-            "deviation over 3 runs (MAML++ authors), except where a footnote says otherwise (the original MAML "
-            "paper's ± are 95% confidence intervals over tasks).")
+            "with the number of runs; every method of a setting is tested on the same fixed test tasks. Paper: "
+            "mean ± standard deviation over 3 runs (MAML++ authors), except where a footnote says otherwise (the "
+            "original MAML paper's ± are 95% confidence intervals over tasks).")
 
 
 def _comparison_rows(dataset: str, groups: dict[str, list[Run]]) -> list[tuple[str, int | None]]:
