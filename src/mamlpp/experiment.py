@@ -39,6 +39,9 @@ def train(cfg: Config, tasks: TaskSource, run_dir: str | os.PathLike, device: to
 
     run = RunDir(run_dir)
     t = cfg.train
+    # Randomness beyond the task stream and the initialisation (Matching Nets' support shuffles) comes
+    # from the global generator: seeded here, saved in every checkpoint, restored on resume.
+    torch.manual_seed(t.seed)
     trainer = Trainer(cfg, tasks, device, dist)
     start_epoch, elapsed = 0, 0.0
     if resume and run.latest.exists():

@@ -142,7 +142,7 @@ def metasgd(cfg: Config) -> None:
     maml(cfg)
     cfg.inner.lr_mode, cfg.inner.lr_range = "metasgd", (0.005, 0.1)
     cfg.inner.steps = cfg.inner.eval_steps = 1
-    cfg.outer.task_reduction = "mean"
+    cfg.outer.task_reduction, cfg.outer.grad_clamp = "mean", None
     cfg.data.train_queries = 15
     cfg.train.epochs, cfg.train.iters_per_epoch = 120, 500  # 60,000 meta-iterations, as MAML
     if cfg.data.dataset == "omniglot":
