@@ -1,10 +1,17 @@
-"""Small builders shared by the core tests: tiny networks and random episodes in float64."""
+"""Small builders shared by the core tests: tiny networks and random episodes in float64, and a
+sweep job that pauses where a test wants it."""
 from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from mamlpp.config import Config
 from mamlpp.presets import get_preset
+from mamlpp.sweep import RunJob
 from mamlpp.trainer import flatten, init_learner
 
 F64 = torch.float64
@@ -63,3 +70,27 @@ def meta_grad(loss_fn, model, params, state, eps, cfg, epoch=0, kind="classifica
 
 def cat(grads: dict) -> torch.Tensor:
     return torch.cat([g.flatten() for g in grads.values()])
+
+
+@dataclass
+class PausedRunJob(RunJob):
+    """A sweep job that pauses the first time training reaches iteration `pause_at`: it writes its
+    pid to `marker` and sleeps until a signal ends the process (a pre-emption test's fixed point in
+    the run, after the checkpoints of the epochs before). Run again, it does not pause."""
+    marker: str = ""
+    pause_at: int = 0
+
+    def __call__(self) -> dict:
+        from mamlpp.sinusoid import SinusoidTasks
+
+        marker, real = Path(self.marker), SinusoidTasks.train_batch
+
+        def train_batch(tasks, iteration, batch_size):
+            if iteration >= self.pause_at and not marker.exists():
+                marker.with_suffix(".tmp").write_text(str(os.getpid()))
+                os.replace(marker.with_suffix(".tmp"), marker)
+                time.sleep(300)  # the test's signal ends this process here
+            return real(tasks, iteration, batch_size)
+
+        SinusoidTasks.train_batch = train_batch
+        return super().__call__()

@@ -1,9 +1,13 @@
 """Batch norm: per-task statistics, BNWB slots, BNRS state and the running-statistics evaluation."""
 import torch
 
-from core_utils import episodes, learner, meta_grad, tiny_config
+from core_utils import F64, episodes, learner, meta_grad, tiny_config
 from mamlpp.inner import task_batched
 from mamlpp.objective import evaluate, meta_loss
+
+
+def randn(shape, seed: int) -> torch.Tensor:
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=F64)
 
 
 def test_tasks_never_share_statistics():
@@ -11,8 +15,8 @@ def test_tasks_never_share_statistics():
     model, params, state = learner(cfg)
     eps = episodes(tasks=3)
     changed = {k: v.clone() for k, v in eps.items()}
-    changed["xs"][1] = 5 * torch.randn_like(changed["xs"][1])
-    changed["xq"][1] = 5 * torch.randn_like(changed["xq"][1])
+    changed["xs"][1] = 5 * randn(changed["xs"][1].shape, seed=1)
+    changed["xq"][1] = 5 * randn(changed["xq"][1].shape, seed=2)
     fast = task_batched(params["net"], 3)
     out_a, _ = model.forward(fast, params["bn"], state, eps["xq"], 0)
     out_b, _ = model.forward(fast, params["bn"], state, changed["xq"], 0)
@@ -67,7 +71,7 @@ def test_bnrs_running_evaluation_uses_step_stats_and_changes_nothing():
     alone = evaluate(model, params, state, {k: v[1:2] for k, v in eps.items()}, cfg, "classification")["output"]
     assert torch.allclose(alone[0], out[1], rtol=1e-12, atol=1e-13)
     swapped = dict(eps, xq=eps["xq"].clone())
-    swapped["xq"][0, 0] = torch.randn_like(swapped["xq"][0, 0])
+    swapped["xq"][0, 0] = randn(swapped["xq"][0, 0].shape, seed=3)
     out2 = evaluate(model, params, state, swapped, cfg, "classification")["output"]
     assert torch.allclose(out2[0, 1:], out[0, 1:], rtol=1e-12, atol=1e-13)
     # With the reference's batch statistics the queries are transductive: the same swap moves the others.
@@ -85,3 +89,4 @@ def test_bnrs_state_is_returned_not_mutated():
     _, _, new_state = meta_loss(model, params, state, episodes(), cfg, 0, "classification")
     assert all(torch.equal(state[k], before[k]) for k in state)
     assert all(not torch.equal(new_state[k], state[k]) for k in state)
+
