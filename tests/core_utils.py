@@ -1,5 +1,5 @@
-"""Small builders shared by the core tests: tiny networks and random episodes in float64, and a
-sweep job that pauses where a test wants it."""
+"""Small builders shared by the core tests: tiny networks and random episodes in float64, a
+synthetic image task source, and a sweep job that pauses where a test wants it."""
 from __future__ import annotations
 
 import os
@@ -70,6 +70,25 @@ def meta_grad(loss_fn, model, params, state, eps, cfg, epoch=0, kind="classifica
 
 def cat(grads: dict) -> torch.Tensor:
     return torch.cat([g.flatten() for g in grads.values()])
+
+
+def image_tasks(cfg: Config, classes: int = 15, per_class: int = 4, size: int = 16, seed: int = 0,
+                augment: bool = True):
+    """ImageTasks (cfg's N, K, T, seed and dtype) over random 1-channel size x size images, the
+    classes split evenly into train/val/test: an image source that needs no data set."""
+    import numpy as np
+
+    from mamlpp.data import ImageSet, ImageTasks
+    from mamlpp.data.common import offsets_from_counts, plain_split
+
+    images = np.random.default_rng(seed).integers(0, 256, size=(classes * per_class, 1, size, size), dtype=np.uint8)
+    names = [f"class{c:02d}" for c in range(classes)]
+    splits = {s: plain_split(part, names) for s, part in zip(("train", "val", "test"),
+                                                             np.array_split(np.arange(classes), 3))}
+    data = ImageSet("synthetic", images, names, offsets_from_counts([per_class] * classes), splits, "unit")
+    d = cfg.data
+    return ImageTasks(data, d.ways, d.shots, d.queries, seed=cfg.train.seed, augment=augment,
+                      dtype=getattr(torch, cfg.train.dtype))
 
 
 @dataclass
