@@ -2,6 +2,7 @@
 cache folder for the whole session, and generators of small synthetic image sets."""
 from __future__ import annotations
 
+import importlib
 import io
 import os
 import zipfile
@@ -14,10 +15,26 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _find_shared_data() -> Path | None:
+def skip_or_fail(reason: str):
+    """Skip a test whose prerequisite is missing; under CI=true fail instead: nothing skips silently there."""
+    if os.environ.get("CI", "").strip().lower() == "true":
+        pytest.fail(f"{reason} (CI=true: missing prerequisites fail instead of skipping)")
+    pytest.skip(reason)
+
+
+def need_module(name: str):
+    """Import an optional test dependency (the `test` extra), or skip_or_fail."""
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        skip_or_fail(f"{name} is not installed: pip install -e '.[test]'")
+
+
+def _find_shared_data(*parts: str) -> Path | None:
+    """The first data root ($MAMLPP_DATA, then ../shared/data) holding every file in parts."""
     env = os.environ.get("MAMLPP_DATA", "").strip()
     for root in ([Path(env)] if env else []) + [REPO.parent / "shared" / "data"]:
-        if all((root / "omniglot" / f"images_{n}.zip").is_file() for n in ("background", "evaluation")):
+        if all((root / part).is_file() for part in parts):
             return root
     return None
 
@@ -25,13 +42,21 @@ def _find_shared_data() -> Path | None:
 @pytest.fixture(scope="session")
 def shared_data_root() -> Path:
     """The data root holding omniglot/images_*.zip. Missing: skip, or fail when CI=true."""
-    root = _find_shared_data()
+    root = _find_shared_data("omniglot/images_background.zip", "omniglot/images_evaluation.zip")
     if root is None:
-        msg = "Omniglot archives not found in $MAMLPP_DATA/omniglot or ../shared/data/omniglot"
-        if os.environ.get("CI", "").strip().lower() == "true":
-            pytest.fail(msg)
-        pytest.skip(msg)
+        skip_or_fail("Omniglot archives not found in $MAMLPP_DATA/omniglot or ../shared/data/omniglot")
     return root
+
+
+@pytest.fixture(scope="session")
+def ravi_split_dir() -> Path:
+    """The folder holding Mini-ImageNet's split files (Ravi & Larochelle) train/val/test.csv,
+    ROOT/mini_imagenet/splits/ravi of the shared data. Missing: skip, or fail when CI=true."""
+    ravi = "mini_imagenet/splits/ravi"
+    root = _find_shared_data(*(f"{ravi}/{s}.csv" for s in ("train", "val", "test")))
+    if root is None:
+        skip_or_fail(f"Mini-ImageNet split files not found in $MAMLPP_DATA/{ravi} or ../shared/data/{ravi}")
+    return root / ravi
 
 
 @pytest.fixture(scope="session")

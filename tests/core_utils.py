@@ -1,5 +1,11 @@
-"""Small builders shared by the core tests: tiny networks and random episodes in float64."""
+"""Small builders shared by the core tests: tiny networks and random episodes in float64, a
+synthetic image task source, and a sweep job that pauses where a test wants it."""
 from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -7,6 +13,7 @@ from mamlpp.config import Config
 from mamlpp.presets import get_preset
 from mamlpp.methods import flatten
 from mamlpp.methods.maml import MAML
+from mamlpp.sweep import RunJob
 
 F64 = torch.float64
 
@@ -28,17 +35,17 @@ def smooth(cfg: Config) -> Config:
     return cfg
 
 
-def init_learner(cfg: Config, shape, ways: int, dtype, seed: int):
+def init_learner(cfg: Config, shape, ways: int, device, dtype, seed: int):
     """(backbone, params, state) of MAML's learner, as the trainer initialises it."""
     method = MAML(cfg, "classification", shape, ways)
-    params, state = method.init(torch.Generator().manual_seed(seed), dtype, "cpu")
+    params, state = method.init(torch.Generator().manual_seed(seed), dtype, device)
     return method.backbone, params, state
 
 
 def learner(cfg: Config, shape=(1, 12, 12), ways=3, seed=0, perturb_bn=True):
     """(model, params, state) in float64; BN weights/state moved off their init so that every
     per-step slot is distinguishable."""
-    model, params, state = init_learner(cfg, shape, ways, F64, seed)
+    model, params, state = init_learner(cfg, shape, ways, "cpu", F64, seed)
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         if perturb_bn:
@@ -71,3 +78,46 @@ def meta_grad(loss_fn, model, params, state, eps, cfg, epoch=0, kind="classifica
 
 def cat(grads: dict) -> torch.Tensor:
     return torch.cat([g.flatten() for g in grads.values()])
+
+
+def image_tasks(cfg: Config, classes: int = 15, per_class: int = 4, size: int = 16, seed: int = 0,
+                augment: bool = True):
+    """ImageTasks (cfg's N, K, T, seed and dtype) over random 1-channel size x size images, the
+    classes split evenly into train/val/test: an image source that needs no data set."""
+    import numpy as np
+
+    from mamlpp.data import ImageSet, ImageTasks
+    from mamlpp.data.common import offsets_from_counts, plain_split
+
+    images = np.random.default_rng(seed).integers(0, 256, size=(classes * per_class, 1, size, size), dtype=np.uint8)
+    names = [f"class{c:02d}" for c in range(classes)]
+    splits = {s: plain_split(part, names) for s, part in zip(("train", "val", "test"),
+                                                             np.array_split(np.arange(classes), 3))}
+    data = ImageSet("synthetic", images, names, offsets_from_counts([per_class] * classes), splits, "unit")
+    d = cfg.data
+    return ImageTasks(data, d.ways, d.shots, d.queries, seed=cfg.train.seed, augment=augment,
+                      dtype=getattr(torch, cfg.train.dtype))
+
+
+@dataclass
+class PausedRunJob(RunJob):
+    """A sweep job that pauses the first time training reaches iteration `pause_at`: it writes its
+    pid to `marker` and sleeps until a signal ends the process (a pre-emption test's fixed point in
+    the run, after the checkpoints of the epochs before). Run again, it does not pause."""
+    marker: str = ""
+    pause_at: int = 0
+
+    def __call__(self) -> dict:
+        from mamlpp.sinusoid import SinusoidTasks
+
+        marker, real = Path(self.marker), SinusoidTasks.train_batch
+
+        def train_batch(tasks, iteration, batch_size):
+            if iteration >= self.pause_at and not marker.exists():
+                marker.with_suffix(".tmp").write_text(str(os.getpid()))
+                os.replace(marker.with_suffix(".tmp"), marker)
+                time.sleep(300)  # the test's signal ends this process here
+            return real(tasks, iteration, batch_size)
+
+        SinusoidTasks.train_batch = train_batch
+        return super().__call__()

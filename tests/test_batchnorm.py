@@ -1,9 +1,15 @@
 """Batch norm: per-task statistics, BNWB slots, BNRS state and the running-statistics evaluation."""
 import torch
 
-from core_utils import episodes, learner, meta_grad, tiny_config
+from core_utils import F64, episodes, learner, meta_grad, tiny_config
+from mamlpp.distributed import Shard
 from mamlpp.inner import task_batched
+from mamlpp.network import update_running_stats
 from mamlpp.objective import evaluate, meta_loss
+
+
+def randn(shape, seed: int) -> torch.Tensor:
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=F64)
 
 
 def test_tasks_never_share_statistics():
@@ -11,8 +17,8 @@ def test_tasks_never_share_statistics():
     model, params, state = learner(cfg)
     eps = episodes(tasks=3)
     changed = {k: v.clone() for k, v in eps.items()}
-    changed["xs"][1] = 5 * torch.randn_like(changed["xs"][1])
-    changed["xq"][1] = 5 * torch.randn_like(changed["xq"][1])
+    changed["xs"][1] = 5 * randn(changed["xs"][1].shape, seed=1)
+    changed["xq"][1] = 5 * randn(changed["xq"][1].shape, seed=2)
     fast = task_batched(params["net"], 3)
     out_a, _ = model.forward(fast, params["bn"], state, eps["xq"], 0)
     out_b, _ = model.forward(fast, params["bn"], state, changed["xq"], 0)
@@ -67,7 +73,7 @@ def test_bnrs_running_evaluation_uses_step_stats_and_changes_nothing():
     alone = evaluate(model, params, state, {k: v[1:2] for k, v in eps.items()}, cfg, "classification")["output"]
     assert torch.allclose(alone[0], out[1], rtol=1e-12, atol=1e-13)
     swapped = dict(eps, xq=eps["xq"].clone())
-    swapped["xq"][0, 0] = torch.randn_like(swapped["xq"][0, 0])
+    swapped["xq"][0, 0] = randn(swapped["xq"][0, 0].shape, seed=3)
     out2 = evaluate(model, params, state, swapped, cfg, "classification")["output"]
     assert torch.allclose(out2[0, 1:], out[0, 1:], rtol=1e-12, atol=1e-13)
     # With the reference's batch statistics the queries are transductive: the same swap moves the others.
@@ -85,3 +91,38 @@ def test_bnrs_state_is_returned_not_mutated():
     _, _, new_state = meta_loss(model, params, state, episodes(), cfg, 0, "classification")
     assert all(torch.equal(state[k], before[k]) for k in state)
     assert all(not torch.equal(new_state[k], state[k]) for k in state)
+
+
+def test_sharded_running_stats_fold_equals_one_call():
+    """BNRS under torchrun: each process folds its own tasks' batch statistics in at their global
+    positions and all-reduces the sums. Three uneven shards, with a fake all-reduce that hands each
+    call the sum of what every shard sent, give the running means and variances of one call."""
+    tasks, channels, momentum = 5, 3, 0.3
+    state = {f"bn{i}.{s}": randn((2, channels), seed=10 + i).abs() + (s == "var")
+             for i in (0, 1) for s in ("mean", "var")}
+
+    def stats(seed):  # {layer: (mean [B, C], var [B, C])} of one pass
+        return {f"bn{i}": (randn((tasks, channels), seed + i), randn((tasks, channels), seed + 5 + i).abs())
+                for i in (0, 1)}
+
+    # per task: support then query pass of slot 0, then of slot 1 (the order adapt_and_score lists them)
+    passes = [(slot, stats(20 + 10 * p)) for p, slot in enumerate((0, 0, 1, 1))]
+    whole = update_running_stats(state, passes, momentum)
+
+    def local(lo, hi):
+        return [(slot, {k: (m[lo:hi], v[lo:hi]) for k, (m, v) in st.items()}) for slot, st in passes]
+
+    shards = [(0, 2), (2, 3), (3, 5)]
+    sent = [[] for _ in shards]  # what each process contributes, in the order of its all-reduce calls
+    for (lo, hi), out in zip(shards, sent):
+        update_running_stats(state, local(lo, hi), momentum, Shard(lo, tasks, lambda t, out=out: out.append(t.clone())))
+    sums = [sum(parts) for parts in zip(*sent)]
+    assert len(sums) == 2 * 2 * 2  # layers x (mean, var) x slots: every fold goes through the all-reduce
+    for lo, hi in shards:
+        received = iter(sums)
+        sharded = update_running_stats(state, local(lo, hi), momentum,
+                                       Shard(lo, tasks, lambda t: t.copy_(next(received))))
+        assert sharded.keys() == whole.keys()
+        for k in whole:
+            assert torch.allclose(sharded[k], whole[k], rtol=1e-14, atol=1e-15), (lo, k)
+            assert not torch.equal(whole[k], state[k]), k

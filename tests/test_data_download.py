@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import http.server
 import os
 import socket
@@ -90,6 +91,28 @@ def test_wrong_file_served(tmp_path, serve):
     assert list(target.iterdir()) == []
     with pytest.raises(DataError, match=r"could not download .*images_evaluation\.zip \(HTTP Error 404"):
         download_omniglot(target, NAMES[1:], base_url=serve(served))
+
+
+def test_checksum_mismatch_from_upstream_is_refused_and_nothing_cached(tmp_path, serve, shared_data_root,
+                                                                      monkeypatch):
+    """Downloads from upstream are checked against its published MD5s. The local server stands in for
+    upstream and serves the shared images_background.zip: a valid archive with the right contents,
+    but re-packed, so its MD5 is not upstream's. Only the checksum can refuse it."""
+    from mamlpp.data import download
+
+    served = tmp_path / "served"
+    served.mkdir()
+    os.symlink(shared_data_root / "omniglot" / "images_background.zip", served / "images_background.zip")
+    monkeypatch.setattr(download, "UPSTREAM_URL", serve(served))
+    monkeypatch.delenv("MAMLPP_OMNIGLOT_URL", raising=False)
+    md5 = hashlib.md5((served / "images_background.zip").read_bytes()).hexdigest()
+    assert md5 != download.UPSTREAM_MD5["images_background"]
+    root, cache = tmp_path / "data", tmp_path / "cache"
+    with pytest.raises(DataError, match=rf"images_background\.zip: MD5 {md5} differs from the published "
+                                        rf"{download.UPSTREAM_MD5['images_background']}; the download is damaged"):
+        load_image_set(DataConfig(dataset="omniglot"), root, cache_dir=cache)
+    assert list((root / "omniglot").iterdir()) == []  # no archive, no partial file
+    assert not cache.exists() or not any(cache.rglob("*"))  # nothing cached
 
 
 def test_archive_with_other_counts_is_rejected(tmp_path, serve):

@@ -157,13 +157,13 @@ def test_csv_naming_missing_files(tmp_path):
         load_image_set(cfg, tmp_path, cache_dir=tmp_path / "c")
 
 
-def test_ravi_csvs_without_the_images(tmp_path, shared_data_root):
+def test_ravi_csvs_without_the_images(tmp_path, ravi_split_dir):
     """The real split files against an images/ folder that lacks nearly all of them."""
     base = tmp_path / "mini_imagenet"
     write_images(base / "images", 2)
-    ravi = shared_data_root / "mini_imagenet" / "splits" / "ravi"
     with pytest.raises(DataError, match=r"train\.csv: 38400 of the 38400 files it names are missing"):
-        load_image_set(DataConfig(dataset="mini_imagenet"), tmp_path, cache_dir=tmp_path / "c", csv_dir=ravi)
+        load_image_set(DataConfig(dataset="mini_imagenet"), tmp_path, cache_dir=tmp_path / "c",
+                       csv_dir=ravi_split_dir)
 
 
 def test_mini_imagenet_not_found(tmp_path, monkeypatch):

@@ -13,6 +13,7 @@ VARIANTS = {
     "mamlpp-msl-off-phase": {},  # epoch past msl_epochs: final-step loss only
     "metasgd": dict(),
     "strided-relu-sum": {"model.pooling": "stride", "model.activation": "relu", "outer.task_reduction": "sum"},
+    "mamlpp-running-bn": {"model.bn_eval": "running"},  # evaluation normalises with the BNRS statistics
 }
 
 
@@ -46,7 +47,7 @@ def test_meta_gradient_matches_loop(variant, tasks):
 
 
 @pytest.mark.parametrize("eval_steps", [1, 2, 5])
-@pytest.mark.parametrize("variant", ["maml", "mamlpp-all-fixes", "metasgd"])
+@pytest.mark.parametrize("variant", ["maml", "mamlpp-all-fixes", "metasgd", "mamlpp-running-bn"])
 def test_evaluation_matches_loop_with_other_step_counts(variant, eval_steps):
     cfg, _ = make(variant)
     cfg.inner.eval_steps = eval_steps  # training uses 3 steps and 3 BN/LSLR slots

@@ -1,0 +1,31 @@
+"""`mamlpp bench`: one timed iteration of each implementation on synthetic episodes, as JSON."""
+import json
+
+from mamlpp.cli import main
+
+KEYS = {"impl", "preset", "method", "data", "meta_batch", "ways", "shots", "queries", "inner_steps", "filters", "second_order",
+        "msl", "dtype", "iters", "chunk", "seconds_per_iter_median", "seconds_per_iter_min", "seconds_per_iter_max",
+        "tasks_per_second", "sampling_seconds_per_iter", "peak_memory_mb", "device_name", "torch_version",
+        "eval_tasks", "eval_seconds"}
+
+
+def test_bench_one_iteration_on_synthetic_data(capsys):
+    assert main(["bench", "omniglot-5w1s-mamlpp", "model.filters=4", "inner.steps=2", "outer.meta_batch=2",
+                 "train.device=cpu", "--synthetic", "--impl", "both", "--iters", "1", "--warmup", "0",
+                 "--eval-tasks", "3", "--json"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    results = [json.loads(line) for line in lines]
+    assert [r["impl"] for r in results] == ["parallel", "loop"]
+    for r in results:
+        assert set(r) == KEYS, set(r) ^ KEYS
+        assert (r["preset"], r["method"], r["data"], r["iters"], r["eval_tasks"]) == ("omniglot-5w1s-mamlpp", "maml",
+                                                                                  "synthetic", 1, 3)
+        shape = (r["meta_batch"], r["ways"], r["shots"], r["queries"], r["inner_steps"], r["filters"])
+        assert shape == (2, 5, 1, 1, 2, 4)
+        assert r["second_order"] is True and r["msl"] is True and r["dtype"] == "float32"  # epoch 0 of MAML++
+        one = r["seconds_per_iter_median"]
+        assert 0 < one == r["seconds_per_iter_min"] == r["seconds_per_iter_max"]  # a single timed iteration
+        assert r["tasks_per_second"] == 2 / one
+        assert r["sampling_seconds_per_iter"] >= 0 and r["eval_seconds"] > 0 and r["peak_memory_mb"] > 0
+        assert r["device_name"] and r["torch_version"]
+    assert [r["chunk"] for r in results] == [0, 2]  # the loop runs the whole meta-batch as one graph
