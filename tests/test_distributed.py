@@ -47,12 +47,14 @@ def assert_same_params(a, b, tol):
         assert torch.allclose(x, y, rtol=tol, atol=tol * x.abs().max().item()), k
 
 
-@pytest.mark.parametrize("preset, extra", [
-    ("sinusoid-maml", ["model.hidden=16,16"]),
-    ("omniglot-5w1s-mamlpp", ["model.filters=8", "inner.steps=2"]),  # BNRS state is all-reduced too
-    ("omniglot-5w1s-protonet", ["model.filters=8", "data.train_ways=10"]),  # a metric method, running stats
+@pytest.mark.parametrize("preset, extra, tol", [
+    ("sinusoid-maml", ["model.hidden=16,16"], 1e-9),
+    ("omniglot-5w1s-mamlpp", ["model.filters=8", "inner.steps=2"], 1e-9),  # BNRS state is all-reduced too
+    # A metric method with running statistics. Its ReLU units that are dead on every image have a true
+    # gradient of zero, so rounding noise moves their BN biases by ~1e-11 (the tensors' scale: 1e-2).
+    ("omniglot-5w1s-protonet", ["model.filters=8", "data.train_ways=10"], 1e-8),
 ])
-def test_two_processes_match_one(tmp_path, preset, extra, request):
+def test_two_processes_match_one(tmp_path, preset, extra, tol, request):
     env = {}
     if preset.startswith("omniglot"):
         request.getfixturevalue("omniglot_set")  # decode the real Omniglot once, into the session cache
@@ -63,13 +65,16 @@ def test_two_processes_match_one(tmp_path, preset, extra, request):
     out = launch(preset, two, ARGS + extra, 2, env=env)
     assert out.stdout.count("run: ") == 1  # only rank 0 reports
     a, b = latest(one), latest(two)
-    assert_same_params(a, b, 1e-9)
+    assert_same_params(a, b, tol)
     for k in a["state"]:  # BNRS: the running variances go through the same all-reduced fold as the
         if k.endswith(".var"):  # means; the means also carry the noise-driven conv biases
             assert torch.allclose(a["state"][k], b["state"][k], rtol=1e-9, atol=0), k
     if "accuracy" in a["val"]:
         assert a["val"]["accuracy"] == b["val"]["accuracy"]
-    assert a["val"]["loss"] == pytest.approx(b["val"]["loss"], rel=1e-9)  # biases differ, outputs do not
+    # Biases differ, outputs do not; except through running statistics used at evaluation (ProtoNets):
+    # their lag behind the noise-driven conv biases does not cancel exactly.
+    val_rel = 1e-6 if preset.endswith("protonet") else 1e-9
+    assert a["val"]["loss"] == pytest.approx(b["val"]["loss"], rel=val_rel)
     # Only rank 0 wrote: one header and no duplicated rows, one event file, one test.json.
     rows = (two / "metrics.csv").read_text().splitlines()
     assert rows.count(rows[0]) == 1 and len(rows) == len((one / "metrics.csv").read_text().splitlines())

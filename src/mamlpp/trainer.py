@@ -148,9 +148,9 @@ class Trainer:
         local = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
         return {k: self.dist.gather(v, num_tasks) for k, v in local.items()}
 
-    def evaluate(self, split: str, num_tasks: int | None = None) -> dict[str, float]:
+    def evaluate(self, split: str, num_tasks: int | None = None, **predict_options) -> dict[str, float]:
         """Mean loss/accuracy and 95% CI over the fixed tasks of a split."""
-        result = self.evaluate_tasks(split, num_tasks)
+        result = self.evaluate_tasks(split, num_tasks, **predict_options)
         out = summarise("loss", result["loss"])
         if "accuracy" in result:
             out.update(summarise("accuracy", result["accuracy"]))
