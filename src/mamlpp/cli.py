@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .config import Config, ConfigError, apply_overrides
@@ -38,6 +39,8 @@ def cmd_train(args) -> int:
     if args.resume:
         if args.preset or args.overrides:
             raise ConfigError("--resume RUN_DIR takes its config from RUN_DIR/config.json; drop PRESET and overrides")
+        if args.out:
+            raise ConfigError("--resume RUN_DIR continues the run in RUN_DIR; drop --out (a run cannot move)")
         run_dir, cfg = args.resume, RunDir(args.resume).read_config()
     else:
         if not args.preset or not args.out:
@@ -63,11 +66,13 @@ def cmd_train(args) -> int:
 def cmd_eval(args) -> int:
     from .distributed import select_device
     from .evaluation import evaluate_run
+    from .rundir import RunDir
 
     device = select_device(args.device) if args.device else None
     result = evaluate_run(args.run_dir, device=device, top_k=args.top_k, data_dir=args.data_dir, split=args.split)
     print(result.describe())
-    print(f"wrote {args.run_dir}/{args.split}.json")
+    top_k = None if args.top_k in (None, RunDir(args.run_dir).read_config().train.top_k) else args.top_k
+    print(f"wrote {RunDir(args.run_dir).test_path(args.split, top_k)}")
     return 0
 
 
@@ -76,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mamlpp", description="Fast, faithful MAML and MAML++ for few-shot learning.",
         epilog="Overrides are KEY=VALUE with KEY as section.name (or a bare name when unique), e.g. "
                "inner.steps=3 outer.meta_batch=4 train.device=cpu train.budget=0.1. "
-               "'mamlpp config PRESET' prints every key.")
+               "'mamlpp config PRESET' prints every key. Errors in the input print one line; --debug (anywhere "
+               "on the line) or MAMLPP_DEBUG=1 shows their traceback.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("presets", help="list the named presets (every method, data set and setting)")
@@ -117,7 +123,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def one_line(e: BaseException) -> str:
+    """An expected error as the line a user reads: what went wrong and which file."""
+    if isinstance(e, OSError) and e.filename and e.strerror:
+        return f"{e.strerror} ({e.filename})"
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("MAMLPP_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
     parser = build_parser()
     # Overrides may follow options (`train P --out R inner.steps=3`): argparse leaves them unknown.
     args, unknown = parser.parse_known_args(argv)
@@ -129,8 +145,10 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
-    except (ConfigError, DataError, FileNotFoundError, FileExistsError) as e:
-        print(f"mamlpp: {e}", file=sys.stderr)
+    except (ConfigError, DataError, OSError) as e:  # expected: bad input, a file, the disk
+        if debug:
+            raise
+        print(f"mamlpp: {one_line(e)}", file=sys.stderr)
         return 2
 
 

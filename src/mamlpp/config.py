@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from typing import Literal, Optional
@@ -363,6 +364,19 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key}={value}: must be >= 1 (or 0 for the default)")
     if not 0.0 < o.lr_step_gamma <= 1.0:
         raise ConfigError(f"outer.lr_step_gamma={o.lr_step_gamma}: must be in (0, 1]")
+    for s in SECTIONS:  # a NaN or an infinity never makes sense and passes every comparison below
+        for f in dataclasses.fields(getattr(cfg, s)):
+            value = getattr(getattr(cfg, s), f.name)
+            for v in value if isinstance(value, tuple) else (value,):
+                if isinstance(v, float) and not math.isfinite(v):
+                    raise ConfigError(f"{s}.{f.name}={value}: must be a finite number")
+    if o.lr <= 0:
+        raise ConfigError(f"outer.lr={o.lr}: must be > 0 (Adam's learning rate)")
+    if o.eta_min < 0:
+        raise ConfigError(f"outer.eta_min={o.eta_min}: must be >= 0")
+    if d.image_size < 0 or d.channels < 0:
+        raise ConfigError(f"data.image_size={d.image_size}, data.channels={d.channels}: must be >= 1 "
+                          "(or 0 for the data set's own)")
     if t.eval_chunk < 0:
         raise ConfigError(f"train.eval_chunk={t.eval_chunk}: must be >= 1 (or 0 for auto)")
     if t.chunk < 0:
@@ -377,6 +391,8 @@ def validate(cfg: Config) -> None:
         fitting = [n for n in BACKBONES.names() if BACKBONES.get(n).inputs == inputs]
         raise ConfigError(f"data.dataset={d.dataset} gives {inputs} inputs but model.arch={m.arch} takes "
                           f"{backbone.inputs} inputs; use model.arch={' or '.join(fitting)}")
+    if hasattr(backbone, "check"):
+        backbone.check(cfg)
     METHODS.get(cfg.method.name).check(cfg, backbone)
     if m.bn_eval == "running" and not m.bnrs:
         raise ConfigError("model.bn_eval=running needs per-step running statistics: set model.bnrs=true")
@@ -386,7 +402,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"outer.grad_clamp={o.grad_clamp}: must be > 0 or none")
     if not 0.0 <= o.msl_floor * 1.0 < 1.0:
         raise ConfigError(f"outer.msl_floor={o.msl_floor}: must be in [0, 1)")
-    if len(o.betas) != 2:
-        raise ConfigError(f"outer.betas={o.betas}: expected two values, e.g. 0.9,0.999")
+    if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):
+        raise ConfigError(f"outer.betas={o.betas}: expected two values in [0, 1), e.g. 0.9,0.999")
     if len(d.split_fractions) != 3 or abs(sum(d.split_fractions) - 1.0) > 1e-6:
         raise ConfigError(f"data.split_fractions={d.split_fractions}: expected three fractions summing to 1")

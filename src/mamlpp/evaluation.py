@@ -8,8 +8,11 @@ which `mamlpp report` computes across run directories.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
+from .config import ConfigError
 from .distributed import Dist, select_device
 from .rundir import RunDir, TestResult
 from .trainer import Trainer, summarise
@@ -17,17 +20,26 @@ from .trainer import Trainer, summarise
 
 def evaluate_run(run_dir, device: torch.device | None = None, tasks=None, top_k: int | None = None,
                  data_dir: str | None = None, split: str = "test", dist: Dist = Dist()) -> TestResult:
-    """Evaluate a run's top-k checkpoints on the fixed test tasks; writes RUN_DIR/test.json.
-    Under torchrun the tasks are split across ranks and rank 0 writes the file."""
+    """Evaluate a run's top-k checkpoints on the fixed test tasks; writes RUN_DIR/test.json, or
+    RUN_DIR/test_top{k}.json for a top_k other than the run's train.top_k (a result of another
+    protocol never replaces the run's own). Under torchrun the tasks are split across ranks and rank
+    0 writes the file, holding the run folder's lock."""
+    run = RunDir(run_dir)
+    with run.lock() if dist.main else contextlib.nullcontext():
+        return _evaluate_run(run, device, tasks, top_k, data_dir, split, dist)
+
+
+def _evaluate_run(run: RunDir, device, tasks, top_k, data_dir, split, dist) -> TestResult:
     from .data import build_tasks
 
-    run = RunDir(run_dir)
     cfg = run.read_config()
-    device = device or select_device(cfg.train.device)
-    tasks = tasks or build_tasks(cfg, device, data_dir=data_dir)
     index = run.read_index()
     if not index:
         raise FileNotFoundError(f"no checkpoints in {run.checkpoints}: train the run first")
+    if top_k is not None and not 1 <= top_k <= len(index):
+        raise ConfigError(f"--top-k {top_k}: expected 1 to {len(index)} (the checkpoints {run.checkpoints} holds)")
+    device = device or select_device(cfg.train.device)
+    tasks = tasks or build_tasks(cfg, device, data_dir=data_dir)
     entries = index[: top_k or cfg.train.top_k]
     trainer = Trainer(cfg, tasks, device, dist)
     outputs, singles = [], []
@@ -57,5 +69,5 @@ def evaluate_run(run_dir, device: torch.device | None = None, tasks=None, top_k:
     result = TestResult(**common, num_tasks=ens["num_tasks"], metric=ens["m"], ci95=ens["m_ci95"],
                         single_model=single["m"], single_model_ci95=single["m_ci95"], per_model=per_model, **extra)
     if dist.main:
-        run.write_test(result)
+        run.write_test(result, path=run.test_path(split, None if top_k in (None, cfg.train.top_k) else top_k))
     return result

@@ -3,7 +3,9 @@ exact resume after a kill, then the test protocol (evaluation.py). Writes the ru
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 import time
 
 import torch
@@ -22,6 +24,12 @@ class NonFiniteLossError(FloatingPointError):
     """The meta-loss or the parameters stopped being finite; the last good checkpoint is kept."""
 
 
+def _kept(run: RunDir) -> str:
+    if run.latest.exists():
+        return f"keeps its last good checkpoint in {run.checkpoints}"
+    return "has no checkpoint yet (it stopped in its first epoch)"
+
+
 def _finite(trainer: Trainer) -> bool:
     return all(torch.isfinite(p).all() for p in flatten(trainer.params).values())
 
@@ -35,26 +43,39 @@ def train(cfg: Config, tasks: TaskSource, run_dir: str | os.PathLike, device: to
     uninterrupted one would. Runs the test protocol at the end unless run_test is False.
     Under torchrun every rank trains its share; only rank 0 writes to run_dir.
     """
+    run = RunDir(run_dir)
+    if dist.main and not resume:
+        run.prepare_new()
+    with run.lock() if dist.main else contextlib.nullcontext():  # one writer per run folder (rank 0)
+        return _train(cfg, tasks, run, device, progress, resume, run_test, dist)
+
+
+def _train(cfg: Config, tasks: TaskSource, run: RunDir, device: torch.device, progress: bool, resume: bool,
+           run_test: bool, dist: Dist) -> dict:
     from tqdm import tqdm
 
-    run = RunDir(run_dir)
     t = cfg.train
     # Randomness beyond the task stream and the initialisation (Matching Nets' support shuffles) comes
     # from the global generator: seeded here, saved in every checkpoint, restored on resume.
     torch.manual_seed(t.seed)
     trainer = Trainer(cfg, tasks, device, dist)
     start_epoch, elapsed = 0, 0.0
+    if resume and not run.is_run():
+        raise FileNotFoundError(f"{run} is not a run directory (no config.json): nothing to resume")
+    if not resume and run.is_run():
+        raise FileExistsError(f"{run} already holds a run: resume it with --resume {run} or pick another --out")
+    if dist.main:
+        run.remove_temporaries()  # of writes a kill interrupted; nobody else writes here (we hold the lock)
     if resume and run.latest.exists():
-        ckpt = run.load_checkpoint(run.latest, device)
+        ckpt, warning = run.load_resume_point(device)
+        if warning and dist.main:
+            print(f"mamlpp: {warning}", file=sys.stderr)
+            run.save_checkpoint(run.latest, ckpt)  # the intact one becomes the resume point
         trainer.load_state_dict(ckpt)
         start_epoch, elapsed = ckpt["epoch"] + 1, ckpt["seconds"]
-    elif not resume and run.is_run():
-        raise FileExistsError(f"{run} already holds a run: resume it with --resume {run} or pick another --out")
     dist.barrier()  # every rank has checked run_dir before rank 0 writes into it
-    if dist.main:
-        run.path.mkdir(parents=True, exist_ok=True)
-        if not resume:
-            run.write_config(cfg)
+    if dist.main and not resume:
+        run.write_config(cfg)
     total = t.epochs * t.iters_per_epoch
     done = start_epoch * t.iters_per_epoch
     log = MetricsLog(run, done if resume else None, t.tensorboard) if dist.main else None
@@ -73,8 +94,7 @@ def train(cfg: Config, tasks: TaskSource, run_dir: str | os.PathLike, device: to
                     if bad.item():  # the only host sync, once per log interval
                         raise NonFiniteLossError(
                             f"meta-loss is not finite at iteration {iteration + 1} (epoch {epoch}); the run stopped "
-                            f"and keeps its last good checkpoint in {run.checkpoints}. Lower outer.lr, set "
-                            "outer.grad_clamp, or check the data")
+                            f"and {_kept(run)}. Lower outer.lr, set outer.grad_clamp, or check the data")
                     values = {k: v.item() for k, v in metrics.items()}
                     log and log.write(iteration=iteration + 1, epoch=epoch, phase="train", loss=values["loss"],
                                       accuracy=values.get("accuracy", ""), lr=lr,
@@ -85,8 +105,8 @@ def train(cfg: Config, tasks: TaskSource, run_dir: str | os.PathLike, device: to
                     bar.set_postfix(shown)
                 bar.update(1)
             if not _finite(trainer):
-                raise NonFiniteLossError(f"parameters are not finite after epoch {epoch}; the run keeps its last "
-                                         f"good checkpoint in {run.checkpoints}")
+                raise NonFiniteLossError(f"parameters are not finite after epoch {epoch}; the run stopped and "
+                                         f"{_kept(run)}")
             val = trainer.evaluate("val")
             score = val["accuracy"] if higher_is_better else -val["loss"]
             iteration = (epoch + 1) * t.iters_per_epoch

@@ -24,7 +24,7 @@ from typing import Literal, Protocol
 import torch
 import torch.nn.functional as F
 
-from .config import BACKBONES, ModelConfig
+from .config import BACKBONES, ConfigError, ModelConfig
 from .distributed import Shard
 
 Tree = dict[str, torch.Tensor]
@@ -40,6 +40,7 @@ class Backbone(Protocol):
 
     name: str  # set by the registry
     inputs: Literal["image", "vector"]  # the kind of data it takes (the config checks the data set)
+    # Optional: `check(cfg)`, a staticmethod raising ConfigError for configs it cannot run (config.validate).
     features: int  # width of the features in front of the head
     # Elements of the largest activation of one example: the trainer sizes its CPU chunks from it.
     activation_elements: int
@@ -140,6 +141,14 @@ class Conv4:
 
     inputs = "image"
 
+    @staticmethod
+    def check(cfg) -> None:
+        """Config errors before any work (config.validate calls it): the pools must leave a pixel."""
+        need = 2 ** cfg.model.stages if cfg.model.pooling != "stride" else 1
+        if cfg.data.image_size and cfg.data.image_size < need:
+            raise ConfigError(f"data.image_size={cfg.data.image_size}: the {cfg.model.stages} pooling stages of "
+                              f"model.arch=conv4 need images of at least {need} pixels")
+
     def __init__(self, cfg: ModelConfig, input_shape: tuple[int, int, int], num_outputs: int, bn_slots: int):
         self.cfg, self.input_shape, self.num_outputs = cfg, input_shape, num_outputs
         self.bn_slots = bn_slots  # S: one BN slot per training inner step
@@ -148,7 +157,8 @@ class Conv4:
         for _ in range(cfg.stages):
             size = (size + 1) // 2 if cfg.pooling == "stride" else size // 2
         if size < 1:
-            raise ValueError(f"input size {input_shape[1]} is too small for {cfg.stages} stages")
+            raise ConfigError(f"the data set's {input_shape[1]}-pixel images are too small for the "
+                              f"model.stages={cfg.stages} pooling stages of model.arch=conv4 (set data.image_size)")
         self.features = cfg.filters if cfg.pooling == "stride" else cfg.filters * size * size
         first = input_shape[1] // self.stride
         self.activation_elements = cfg.filters * first * first

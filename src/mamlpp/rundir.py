@@ -16,6 +16,7 @@ torch.load(..., weights_only=True). Train, eval, report, sweep and bench go thro
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -25,14 +26,20 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 from .config import Config, ConfigError
-from .files import atomic_write_bytes, atomic_write_json
+from .files import atomic_write_bytes, atomic_write_json, remove_temporaries
 
 METRIC_FIELDS = ["iteration", "epoch", "phase", "loss", "accuracy", "lr", "seconds"]
 LATEST = "latest.pt"
+LOCK = ".lock"
+_HELD: dict[Path, list] = {}  # run folders this process has locked: [file, depth] (the lock nests)
 
 
 class RunDirError(ConfigError):
     """A run folder, or one of its files, that cannot be used; the message names the file."""
+
+
+class DamagedCheckpointError(RunDirError):
+    """A checkpoint file that exists but cannot be loaded (truncated, foreign, corrupt)."""
 
 
 @dataclass(frozen=True)
@@ -124,11 +131,65 @@ class RunDir:
     def __str__(self) -> str:
         return str(self.path)
 
-    def test_path(self, split: str = "test") -> Path:
-        return self.path / f"{split}.json"
+    def test_path(self, split: str = "test", top_k: int | None = None) -> Path:
+        """test.json, or test_top{k}.json for an ensemble size other than the run's own."""
+        return self.path / (f"{split}.json" if top_k is None else f"{split}_top{top_k}.json")
 
     def is_run(self) -> bool:
         return self.config_path.is_file()
+
+    # ---- one writer at a time ---------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def lock(self):
+        """Hold an exclusive lock on the folder (RUN_DIR/.lock) for a block; a second process is refused
+        with the holder's PID. An OS lock (flock): the kernel drops it when its process dies, so a
+        killed run never leaves a stale lock. Nests within one process (train runs the test inside)."""
+        import fcntl
+
+        key = self.path.resolve()
+        if key in _HELD:
+            _HELD[key][1] += 1
+        else:
+            f = open(self.path / LOCK, "a+")
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                holder = f.read().strip() or "unknown"
+                f.close()
+                raise RunDirError(f"{self.path} is in use by another mamlpp process (PID {holder}); wait for it "
+                                  "to finish or use another folder") from None
+            f.seek(0)
+            f.truncate()
+            f.write(f"{os.getpid()}\n")
+            f.flush()
+            _HELD[key] = [f, 1]
+        try:
+            yield self
+        finally:
+            _HELD[key][1] -= 1
+            if not _HELD[key][1]:
+                f = _HELD.pop(key)[0]
+                fcntl.flock(f, fcntl.LOCK_UN)
+                f.close()
+
+    def prepare_new(self) -> None:
+        """Create the folder for a new run: refuse a file in the way and a folder that holds anything
+        but a run (top-k pruning and metrics appends would destroy or mix a user's files)."""
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            raise RunDirError(f"--out {self.path}: a file is in the way (the run folder or a folder above it "
+                              "is a file)") from None
+        foreign = [p.name for p in self.path.iterdir() if p.name != LOCK and not p.name.endswith(".tmp")]
+        if foreign and not self.is_run():
+            raise RunDirError(f"--out {self.path}: the folder holds files but no mamlpp run (no config.json: "
+                              f"{', '.join(sorted(foreign)[:3])}{', ...' if len(foreign) > 3 else ''}); use a new or "
+                              "empty folder")
+
+    def remove_temporaries(self) -> list[Path]:
+        """Temporary files of interrupted atomic writes (only while holding the lock)."""
+        return remove_temporaries(self.path) + (remove_temporaries(self.checkpoints) if self.checkpoints.is_dir() else [])
 
     # ---- config, summary, test result ----------------------------------------------------------------
     def _read_json(self, path: Path):
@@ -164,8 +225,8 @@ class RunDir:
         path = self.test_path(split)
         return TestResult.from_dict(self._read_json(path), str(path)) if path.is_file() else None
 
-    def write_test(self, result: TestResult) -> None:
-        atomic_write_json(self.test_path(result.split), result.to_dict())
+    def write_test(self, result: TestResult, path: Path | None = None) -> None:
+        atomic_write_json(path or self.test_path(result.split), result.to_dict())
 
     def read_summary(self) -> dict | None:
         return self._read_json(self.summary_path) if self.summary_path.is_file() else None
@@ -207,8 +268,25 @@ class RunDir:
             raise FileNotFoundError(f"checkpoint {path} does not exist")
         try:
             return torch.load(path, map_location=device, weights_only=True)
-        except Exception as e:  # a foreign or damaged file: say which
-            raise RuntimeError(f"checkpoint {path} cannot be loaded: {e}") from e
+        except Exception as e:  # a truncated, foreign or damaged file: say which
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise DamagedCheckpointError(f"checkpoint {path} cannot be loaded ({first})") from None
+
+    def load_resume_point(self, device="cpu") -> tuple[dict, str | None]:
+        """(checkpoint to resume from, warning or None): latest.pt, or, when it is damaged, the newest
+        epoch checkpoint that loads (its later epochs are trained again)."""
+        try:
+            return self.load_checkpoint(self.latest, device), None
+        except DamagedCheckpointError as damaged:
+            for path in sorted(self.checkpoints.glob("epoch_*.pt"), reverse=True):
+                try:
+                    ckpt = self.load_checkpoint(path, device)
+                except DamagedCheckpointError:
+                    continue
+                return ckpt, (f"{damaged}; resuming from the newest intact epoch checkpoint, {path.name} (epoch "
+                              f"{ckpt['epoch']}): the epochs after it are trained again")
+            raise RunDirError(f"{damaged}, and no epoch checkpoint in {self.checkpoints} loads either: the run "
+                              "cannot be resumed; start it again in a new folder") from None
 
     def read_index(self) -> list[dict]:
         """The top-k checkpoints, best first: [{"epoch", "score", "file"}]."""
