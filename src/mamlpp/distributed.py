@@ -111,7 +111,11 @@ def init_from_env(device: str) -> tuple[Dist, torch.device]:
     return Dist(rank, world), torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
 
 
-def shutdown() -> None:
-    """Leave the process group (a torchrun rank that exits without it can abort in gloo's teardown)."""
+def shutdown(clean: bool = True) -> None:
+    """Leave the process group, all ranks together: a rank that tears gloo down while its peer still
+    talks to it, or exits without leaving, can abort ("terminate called without an active exception").
+    clean=False (after an error) skips the barrier, which a failed peer would never reach."""
     if dist.is_initialized():
+        if clean:
+            dist.barrier()
         dist.destroy_process_group()
