@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from conftest import make_omniglot, png_bytes, write_images
 from mamlpp.config import Config, DataConfig
@@ -155,6 +156,32 @@ def test_csv_naming_missing_files(tmp_path):
     (base / "images" / "gone.jpg").write_bytes((base / "images" / "000.jpg").read_bytes())
     with pytest.raises(DataError, match=r"val\.csv: expected the header 'filename,label'"):
         load_image_set(cfg, tmp_path, cache_dir=tmp_path / "c")
+
+
+@pytest.mark.parametrize("kind", ["absolute", "dotdot", "nested"])
+def test_csv_names_outside_images_are_refused(tmp_path, monkeypatch, kind):
+    """A CSV name must be a bare file name in images/: an absolute name or '../x.jpg' would read a
+    real image outside it (or crash the cache key); refused before any image is opened."""
+    base = tmp_path / "mini_imagenet"
+    write_images(base / "images", 4)
+    (base / "images" / "sub").mkdir()
+    outside = {"absolute": tmp_path / "outside.jpg", "dotdot": base / "x.jpg", "nested": base / "images" / "sub" / "y.jpg"}
+    for p in outside.values():
+        p.write_bytes((base / "images" / "000.jpg").read_bytes())  # real, decodable images
+    name = {"absolute": str(outside["absolute"]), "dotdot": "../x.jpg", "nested": "sub/y.jpg"}[kind]
+    for s in ("train", "val", "test"):
+        with open(base / f"{s}.csv", "w", newline="") as f:
+            csv.writer(f).writerows([["filename", "label"], ["000.jpg", "n1"], ["001.jpg", "n1"],
+                                     [name, "n2"], ["002.jpg", "n2"]])
+    opened = []
+    real_open = Image.open
+    monkeypatch.setattr(Image, "open", lambda fp, *a, **k: opened.append(fp) or real_open(fp, *a, **k))
+    with pytest.raises(DataError) as err:
+        load_image_set(DataConfig(dataset="mini_imagenet"), tmp_path, cache_dir=tmp_path / "c")
+    assert str(err.value) == (f"{base / 'train.csv'}:4: file name {name!r} is not a plain file name inside "
+                              f"{base / 'images'}; expected a bare name such as n0153282900000005.jpg "
+                              "(no folders, '..' or leading '/')")
+    assert opened == [] and not (tmp_path / "c").exists()  # nothing decoded, no cache written
 
 
 def test_ravi_csvs_without_the_images(tmp_path, ravi_split_dir):

@@ -167,6 +167,29 @@ def test_folder_needs_a_directory():
         load_image_set(folder_cfg().data, None)
 
 
+def test_folder_16bit_png_is_scaled_not_clipped(tmp_path, data_cache_dir):
+    """Pillow's convert() clips 16-bit grayscale at 255 (a white image); the decoder scales it to
+    round(v * 255 / 65535) = round(v / 257) instead (never a tie), in L and in RGB. 8-bit images,
+    grayscale and RGB, decode to exactly their stored values as before."""
+    wide = np.array([[0, 32768, 65535, 257], [128, 129, 1000, 65000]] * 2, dtype=np.uint16)
+    gray = np.arange(0, 256, 16, dtype=np.uint8).reshape(4, 4)
+    rgb = np.random.default_rng(0).integers(0, 256, size=(4, 4, 3), dtype=np.uint8)
+    root = tmp_path / "mine"
+    for name, a in (("wide", wide), ("gray", gray), ("rgb", rgb)):
+        (root / name).mkdir(parents=True)
+        img = Image.fromarray(a)
+        img.save(root / name / "000.png")
+        assert Image.open(root / name / "000.png").mode == {"wide": "I;16", "gray": "L", "rgb": "RGB"}[name]
+    scaled = np.array([[0, 128, 255, 1], [0, 1, 4, 253]] * 2, dtype=np.uint8)
+    expected = {1: {"wide": scaled, "gray": gray, "rgb": np.asarray(Image.fromarray(rgb).convert("L"))},
+                3: {"wide": np.stack([scaled] * 3), "gray": np.stack([gray] * 3), "rgb": rgb.transpose(2, 0, 1)}}
+    for channels in (1, 3):  # image_size 4: no resize, so the values are the decoder's alone
+        data = load_image_set(folder_cfg(image_size=4, channels=channels).data, root, cache_dir=data_cache_dir)
+        for name, want in expected[channels].items():
+            got = data.images[data.offsets[data.class_names.index(name)]]
+            assert np.array_equal(got, want.reshape(channels, 4, 4)), (channels, name, got)
+
+
 def test_cache_is_reused_and_follows_the_source(tmp_path, data_cache_dir, make_class_folders):
     root = make_class_folders(tmp_path / "mine", {f"c{i}": 6 for i in range(9)})
     cfg = folder_cfg(image_size=16)

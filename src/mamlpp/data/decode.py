@@ -29,8 +29,24 @@ def open_image(source, name: str) -> Image.Image:
         raise DataError(f"{name}: cannot decode image ({e})") from e
 
 
+# Pillow's integer modes: 16-bit grayscale (PNG, TIFF) and 32-bit integers.
+_WIDE_GRAY = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
+
+
+def to_8bit(img: Image.Image) -> Image.Image:
+    """16-bit grayscale as 8-bit 'L', scaled: round(v * 255 / 65535), which is round(v / 257) and
+    never a tie. Pillow's own convert('L'/'RGB') clips at 255 instead, turning such images white.
+    Mode 'I' is read as 16-bit too (older Pillow opens 16-bit PNGs so); values past 65535 clip.
+    Other modes are returned as they are."""
+    if img.mode not in _WIDE_GRAY:
+        return img
+    v = np.clip(np.asarray(img).astype(np.int64), 0, 65535)
+    return Image.fromarray(((v * 255 + 32767) // 65535).astype(np.uint8))  # 2-D uint8: mode L
+
+
 def to_chw(img: Image.Image, size: int, mode: str, resample: int) -> np.ndarray:
     """Convert to `mode` ('RGB' or 'L'), resize to size x size, return uint8 [C, H, W]."""
+    img = to_8bit(img)  # before convert(): 16-bit to RGB goes through the scaled 'L'
     if img.mode != mode:
         img = img.convert(mode)
     if img.size != (size, size):

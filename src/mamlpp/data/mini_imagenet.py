@@ -45,8 +45,14 @@ def find_layout(root: Path, csv_dirs: list[Path] = ()) -> tuple[str, Path, Path 
     raise DataError(f"Mini-ImageNet not found in {bases[0]} or {bases[1]}; expected one of: " + "; ".join(LAYOUTS))
 
 
+def is_plain_name(name: str) -> bool:
+    """A bare file name: no folder part, not absolute, not '.' or '..'. Anything else could name a
+    file outside images/ ('../x.jpg', '/etc/x.jpg') or one the cache cannot key relative to it."""
+    return name not in ("", ".", "..") and "/" not in name and "\\" not in name and Path(name).name == name
+
+
 def read_split_csv(path: Path, images_dir: Path, split: str) -> list[ClassFiles]:
-    """Classes of one Ravi & Larochelle CSV; every file it names must exist."""
+    """Classes of one Ravi & Larochelle CSV; every file it names must be a plain name that exists."""
     with open(path, newline="") as f:
         rows = list(csv.reader(f))
     if not rows or [c.strip() for c in rows[0]] != ["filename", "label"]:
@@ -57,7 +63,12 @@ def read_split_csv(path: Path, images_dir: Path, split: str) -> list[ClassFiles]
             continue
         if len(row) != 2:
             raise DataError(f"{path}:{lineno}: expected 'filename,label', got {row!r}")
-        by_label.setdefault(row[1].strip(), []).append(images_dir / row[0].strip())
+        name = row[0].strip()
+        if not is_plain_name(name):  # checked before any file is looked at or decoded
+            raise DataError(f"{path}:{lineno}: file name {name!r} is not a plain file name inside "
+                            f"{images_dir}; expected a bare name such as n0153282900000005.jpg (no folders, "
+                            "'..' or leading '/')")
+        by_label.setdefault(row[1].strip(), []).append(images_dir / name)
     missing = [p.name for files in by_label.values() for p in files if not p.is_file()]
     if missing:
         n = sum(map(len, by_label.values()))

@@ -20,7 +20,7 @@ from PIL import Image
 
 from .cache import entry_dir, listing_fingerprint, load_entry, sha256_file, write_entry
 from .common import DataError, ImageSet, Split, offsets_from_counts, shuffled_split
-from .decode import decode_into, open_image
+from .decode import decode_into, open_image, to_8bit
 
 ARCHIVES = ("images_background", "images_evaluation")
 # (alphabets, characters, images) of the public archives, used to verify downloads.
@@ -126,7 +126,7 @@ def decode_members(payload) -> np.ndarray:
         if img.mode == "1":  # the genuine data: nearest-neighbour keeps exactly {0, 1}
             out[i, 0] = np.asarray(img.resize((size, size), Image.NEAREST), dtype=np.uint8)
         else:  # re-saved copies: threshold back to {0, 1} so the value range stays the reference's
-            small = img.convert("L").resize((size, size), Image.NEAREST)
+            small = to_8bit(img).convert("L").resize((size, size), Image.NEAREST)  # 16-bit: scaled, not clipped
             out[i, 0] = np.asarray(small, dtype=np.uint8) >= 128
     return out
 
