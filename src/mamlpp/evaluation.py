@@ -53,19 +53,15 @@ def _evaluate_run(run: RunDir, device, tasks, top_k, data_dir, split, dist) -> T
     best = singles[0]  # index is best first
     common = {"preset": cfg.name, "method": cfg.method.name, "split": split, "kind": tasks.kind,
               "ensemble_size": len(entries), "checkpoint_epochs": [e["epoch"] for e in entries]}
+    extra = {"inner_steps": cfg.inner.test_steps} if cfg.method.name == "maml" else {}
     if tasks.kind == "classification":
-        per_task = (ensemble.argmax(-1) == target).double().mean(1)
-        ens, single = summarise("m", per_task), summarise("m", best["accuracy"])
-        per_model = [summarise("m", s["accuracy"])["m"] for s in singles]
-        extra = {}
-    else:
-        per_task = (ensemble - target).pow(2).flatten(1).mean(1)
-        ens, single = summarise("m", per_task), summarise("m", best["loss"])
-        per_model = [summarise("m", s["loss"])["m"] for s in singles]
+        key, per_task = "accuracy", (ensemble.argmax(-1) == target).double().mean(1)
+    else:  # regression: MSE, and the meta-initialisation's own before adaptation (MAML's sinusoid)
+        key, per_task = "loss", (ensemble - target).pow(2).flatten(1).mean(1)
         trainer.load_state_dict(run.load_checkpoint(run.checkpoints / entries[0]["file"], device))
-        extra = {"mse_before_adaptation": summarise("m", trainer.evaluate_tasks(split, steps=0)["loss"])["m"]}
-    if getattr(cfg.method, "name", "") == "maml":
-        extra["inner_steps"] = cfg.inner.test_steps
+        extra["mse_before_adaptation"] = summarise("m", trainer.evaluate_tasks(split, steps=0)["loss"])["m"]
+    ens, single = summarise("m", per_task), summarise("m", best[key])
+    per_model = [summarise("m", s[key])["m"] for s in singles]
     result = TestResult(**common, num_tasks=ens["num_tasks"], metric=ens["m"], ci95=ens["m_ci95"],
                         single_model=single["m"], single_model_ci95=single["m_ci95"], per_model=per_model, **extra)
     if dist.main:
