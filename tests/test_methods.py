@@ -181,8 +181,8 @@ class NearestMean(Method):
     """A toy method defined outside the library: a learned linear map of the pixels, nearest class
     mean, and a non-gradient state (episodes seen) that checkpoints and resume must carry."""
 
-    def __init__(self, cfg, kind, input_shape, num_outputs):
-        super().__init__(cfg, kind, input_shape, num_outputs)
+    def __init__(self, cfg, kind, input_shape, num_outputs, backbone=None):
+        super().__init__(cfg, kind, input_shape, num_outputs, backbone)
         self.backbone = BACKBONES.get("mlp")(cfg.model, (int(torch.tensor(input_shape).prod()),), 0, 1)
 
     def init(self, generator, dtype, device):

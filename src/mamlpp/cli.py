@@ -31,9 +31,9 @@ def cmd_config(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from .data import build_tasks
-    from .distributed import init_from_env, shutdown
-    from .experiment import NonFiniteLossError, train
+    from . import api
+    from .distributed import dist_from_env, shutdown
+    from .experiment import NonFiniteLossError
     from .rundir import RunDir, TestResult
 
     if args.resume:
@@ -46,18 +46,17 @@ def cmd_train(args) -> int:
         if not args.preset or not args.out:
             raise ConfigError("train needs PRESET and --out RUN_DIR (or --resume RUN_DIR)")
         run_dir, cfg = args.out, resolve(args.preset, args.overrides)
-    dist, device = init_from_env(cfg.train.device)  # one process, or a torchrun rank
     clean = False
     try:
-        tasks = build_tasks(cfg, device, data_dir=args.data_dir)  # data problems surface before training
-        summary = train(cfg, tasks, run_dir, device, progress=not args.no_progress, resume=bool(args.resume),
-                        run_test=not args.no_test, dist=dist)
+        summary = api.train(cfg, run_dir, resume=bool(args.resume), data_dir=args.data_dir,
+                            progress=not args.no_progress, test=not args.no_test)
         clean = True
     except NonFiniteLossError as e:
         print(f"mamlpp: {e}", file=sys.stderr)
         return 1
     finally:
         shutdown(clean)
+    dist = dist_from_env()
     if dist.main:
         print(f"run: {run_dir}  iterations: {summary['iterations']}  seconds: {summary['seconds']:.1f}")
         if summary["final"]:
@@ -70,12 +69,10 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .distributed import select_device
-    from .evaluation import evaluate_run
+    from . import api
     from .rundir import RunDir
 
-    device = select_device(args.device) if args.device else None
-    result = evaluate_run(args.run_dir, device=device, top_k=args.top_k, data_dir=args.data_dir, split=args.split)
+    result = api.evaluate(args.run_dir, top_k=args.top_k, split=args.split, data_dir=args.data_dir, device=args.device)
     print(result.describe())
     top_k = None if args.top_k in (None, RunDir(args.run_dir).read_config().train.top_k) else args.top_k
     print(f"wrote {RunDir(args.run_dir).test_path(args.split, top_k)}")

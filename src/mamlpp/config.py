@@ -159,6 +159,9 @@ class TrainConfig:
 
 @dataclass
 class Config:
+    """A whole run's settings: the method and its options, the data, the network, the inner and outer
+    loops, and the run itself; `mamlpp config PRESET` prints one as JSON."""
+
     name: str = "custom"
     method: MethodConfig = field(default_factory=MethodConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -311,19 +314,23 @@ def resolve_key(key: str, cfg: Config | None = None) -> tuple[str, str]:
 
 
 def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
-    """Apply `KEY=VALUE` strings to a copy of cfg and validate the result. `method.name` goes first,
-    since it decides which `method.*` keys exist."""
-    cfg = cfg.copy()
-    items = []
+    """Apply `KEY=VALUE` strings (as the command line takes them) to a copy of cfg and validate it."""
+    values = {}
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not KEY=VALUE; valid keys: {', '.join(valid_keys(cfg))}")
         key, value = item.split("=", 1)
-        items.append((key.strip(), value.strip()))
-    items.sort(key=lambda kv: kv[0] not in ("method.name", "name"))  # stable: the rest keep their order
-    for key, value in items:
+        values[key.strip()] = value.strip()
+    return apply_values(cfg, values)
+
+
+def apply_values(cfg: Config, values: dict) -> Config:
+    """Apply {KEY: value} to a copy of cfg and validate it: strings are parsed as on the command line,
+    other values type-checked. `method.name` goes first, since it decides which `method.*` keys exist."""
+    cfg = cfg.copy()
+    for key, value in sorted(values.items(), key=lambda kv: kv[0] not in ("method.name", "name")):
         section, name = resolve_key(key, cfg)
-        _set(getattr(cfg, section), section, name, value, from_string=True, cfg=cfg)
+        _set(getattr(cfg, section), section, name, value, from_string=isinstance(value, str), cfg=cfg)
     validate(cfg)
     return cfg
 
@@ -387,7 +394,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"inner.eval_steps={i.eval_steps}: must be >= 1 (or 0 for 'same as inner.steps')")
     backbone = BACKBONES.get(m.arch)
     inputs = "vector" if d.dataset == "sinusoid" else "image"
-    if backbone.inputs != inputs:
+    if backbone.inputs not in ("any", inputs):
         fitting = [n for n in BACKBONES.names() if BACKBONES.get(n).inputs == inputs]
         raise ConfigError(f"data.dataset={d.dataset} gives {inputs} inputs but model.arch={m.arch} takes "
                           f"{backbone.inputs} inputs; use model.arch={' or '.join(fitting)}")

@@ -97,12 +97,17 @@ def select_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def dist_from_env() -> Dist:
+    """This process's rank and the world size as torchrun sets them (one process otherwise)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return Dist(int(os.environ["RANK"]), world) if world > 1 else Dist()
+
+
 def init_from_env(device: str) -> tuple[Dist, torch.device]:
     """(Dist, device) for this process: one process alone, or a torchrun rank (NCCL on GPUs, gloo on CPUs)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+    if not dist_from_env().active:
         return Dist(), select_device(device)
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    world, rank, local_rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     use_cuda = device != "cpu" and torch.cuda.is_available()
     if use_cuda:
         torch.cuda.set_device(local_rank)

@@ -19,17 +19,17 @@ from .trainer import Trainer, summarise
 
 
 def evaluate_run(run_dir, device: torch.device | None = None, tasks=None, top_k: int | None = None,
-                 data_dir: str | None = None, split: str = "test", dist: Dist = Dist()) -> TestResult:
+                 data_dir: str | None = None, split: str = "test", dist: Dist = Dist(), backbone=None) -> TestResult:
     """Evaluate a run's top-k checkpoints on the fixed test tasks; writes RUN_DIR/test.json, or
     RUN_DIR/test_top{k}.json for a top_k other than the run's train.top_k (a result of another
     protocol never replaces the run's own). Under torchrun the tasks are split across ranks and rank
     0 writes the file, holding the run folder's lock."""
     run = RunDir(run_dir)
     with run.lock() if dist.main else contextlib.nullcontext():
-        return _evaluate_run(run, device, tasks, top_k, data_dir, split, dist)
+        return _evaluate_run(run, device, tasks, top_k, data_dir, split, dist, backbone)
 
 
-def _evaluate_run(run: RunDir, device, tasks, top_k, data_dir, split, dist) -> TestResult:
+def _evaluate_run(run: RunDir, device, tasks, top_k, data_dir, split, dist, backbone) -> TestResult:
     from .data import build_tasks
 
     cfg = run.read_config()
@@ -41,7 +41,7 @@ def _evaluate_run(run: RunDir, device, tasks, top_k, data_dir, split, dist) -> T
     device = device or select_device(cfg.train.device)
     tasks = tasks or build_tasks(cfg, device, data_dir=data_dir)
     entries = index[: top_k or cfg.train.top_k]
-    trainer = Trainer(cfg, tasks, device, dist)
+    trainer = Trainer(cfg, tasks, device, dist, backbone)
     outputs, singles = [], []
     for entry in entries:
         trainer.load_state_dict(run.load_checkpoint(run.checkpoints / entry["file"], device))

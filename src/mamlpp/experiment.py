@@ -35,30 +35,32 @@ def _finite(trainer: Trainer) -> bool:
 
 
 def train(cfg: Config, tasks: TaskSource, run_dir: str | os.PathLike, device: torch.device,
-          progress: bool = True, resume: bool = False, run_test: bool = True, dist: Dist = Dist()) -> dict:
+          progress: bool = True, resume: bool = False, run_test: bool = True, dist: Dist = Dist(),
+          backbone=None) -> dict:
     """Meta-train cfg.train.epochs x iters_per_epoch, validating and checkpointing after every epoch.
 
     With resume, continues from RUN_DIR/checkpoints/latest.pt: parameters, optimiser, method state,
     RNG and the position in the (index-addressed) task stream, so a killed run ends where an
     uninterrupted one would. Runs the test protocol at the end unless run_test is False.
-    Under torchrun every rank trains its share; only rank 0 writes to run_dir.
+    Under torchrun every rank trains its share; only rank 0 writes to run_dir. backbone: a custom
+    backbone factory (usermodule.ModuleBackbone) for model.arch=module.
     """
     run = RunDir(run_dir)
     if dist.main and not resume:
         run.prepare_new()
     with run.lock() if dist.main else contextlib.nullcontext():  # one writer per run folder (rank 0)
-        return _train(cfg, tasks, run, device, progress, resume, run_test, dist)
+        return _train(cfg, tasks, run, device, progress, resume, run_test, dist, backbone)
 
 
 def _train(cfg: Config, tasks: TaskSource, run: RunDir, device: torch.device, progress: bool, resume: bool,
-           run_test: bool, dist: Dist) -> dict:
+           run_test: bool, dist: Dist, backbone) -> dict:
     from tqdm import tqdm
 
     t = cfg.train
     # Randomness beyond the task stream and the initialisation (Matching Nets' support shuffles) comes
     # from the global generator: seeded here, saved in every checkpoint, restored on resume.
     torch.manual_seed(t.seed)
-    trainer = Trainer(cfg, tasks, device, dist)
+    trainer = Trainer(cfg, tasks, device, dist, backbone)
     start_epoch, elapsed = 0, 0.0
     if resume and not run.is_run():
         raise FileNotFoundError(f"{run} is not a run directory (no config.json): nothing to resume")
@@ -115,7 +117,8 @@ def _train(cfg: Config, tasks: TaskSource, run: RunDir, device: torch.device, pr
                 log.write(iteration=iteration, epoch=epoch, phase="val", loss=val["loss"],
                           accuracy=val.get("accuracy", ""), lr=lr, seconds=round(seconds, 3))
                 payload = {**trainer.state_dict(), "epoch": epoch, "iteration": iteration, "seconds": seconds,
-                           "val": val}
+                           "val": val, "tasks": {"kind": tasks.kind, "input_shape": list(tasks.input_shape),
+                                                 "num_outputs": tasks.num_outputs}}
                 run.update_top_k(payload, epoch, score, t.top_k)
                 run.save_checkpoint(run.latest, payload)  # written last: the resume point
     finally:
@@ -124,7 +127,7 @@ def _train(cfg: Config, tasks: TaskSource, run: RunDir, device: torch.device, pr
             log.close()
     seconds = time.perf_counter() - start
     dist.barrier()  # rank 0's checkpoints are on disk before anyone reads them
-    final = evaluate_run(run.path, device=device, tasks=tasks, dist=dist).to_dict() if run_test else {}
+    final = evaluate_run(run.path, device=device, tasks=tasks, dist=dist, backbone=backbone).to_dict() if run_test else {}
     summary = {"preset": cfg.name, "iterations": total, "seconds": round(seconds, 3), "final": final}
     if dist.main:
         run.write_summary(summary)

@@ -239,6 +239,8 @@ class MLP:
         return x, {}
 
 
-def build_backbone(cfg: ModelConfig, input_shape: tuple[int, ...], num_outputs: int, bn_slots: int) -> Backbone:
-    """The registered backbone that model.arch names."""
-    return BACKBONES.get(cfg.arch)(cfg, input_shape, num_outputs, bn_slots)
+def build_backbone(cfg: ModelConfig, input_shape: tuple[int, ...], num_outputs: int, bn_slots: int,
+                   custom=None) -> Backbone:
+    """The registered backbone that model.arch names, or `custom`, a factory with the same signature
+    (a usermodule.ModuleBackbone)."""
+    return (custom or BACKBONES.get(cfg.arch))(cfg, input_shape, num_outputs, bn_slots)

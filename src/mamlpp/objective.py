@@ -69,6 +69,32 @@ def adapt_and_score(model, params: dict[str, Tree], state: Tree, episodes: dict,
     return total, out, passes
 
 
+def adapt(model, params: dict[str, Tree], state: Tree, xs: torch.Tensor, ys: torch.Tensor, cfg: Config, kind: str,
+          steps: int) -> Tree:
+    """Every task's fast weights after `steps` inner steps on its support set, as evaluation adapts
+    (first order, no meta-graph): {name: [B, ...]} for `query_output`."""
+    use_running = cfg.model.bn_eval == "running"
+
+    def forward(fast, bn, x, slot, running, stats):
+        return model.forward(fast, bn, state, x, slot, running, stats)
+
+    fast = task_batched(params["net"], xs.shape[0], detach=True)
+    with torch.enable_grad():
+        for i in range(steps):
+            fast, _, _ = inner_step(forward, fast, params, cfg.inner, min(i, cfg.inner.steps - 1), (xs, ys),
+                                    lambda out, y: task_losses(kind, out, y), False, use_running, False)
+            fast = {k: v.detach().requires_grad_(True) for k, v in fast.items()}
+    return {k: v.detach() for k, v in fast.items()}
+
+
+def query_output(model, params: dict[str, Tree], state: Tree, fast: Tree, xq: torch.Tensor, cfg: Config,
+                 steps: int) -> torch.Tensor:
+    """The query predictions [B, n, ...] of fast weights adapted for `steps` steps (the BN slot of the last step)."""
+    slot = min(max(steps, 1), cfg.inner.steps) - 1
+    with torch.no_grad():
+        return model.forward(fast, params["bn"], state, xq, slot, cfg.model.bn_eval == "running", False)[0]
+
+
 def meta_loss(model, params: dict[str, Tree], state: Tree, episodes: dict, cfg: Config, epoch: int, kind: str,
               shard: Shard = Shard()):
     """Training meta-loss of one meta-batch (or of this process's shard of it).

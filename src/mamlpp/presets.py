@@ -297,6 +297,8 @@ def register(name: str, description: str, *steps: Callable[[Config], None], appr
 
 
 def get_preset(name: str) -> Config:
+    """A fresh Config of a named preset (no overrides, no budget scaling); an unknown name is a
+    ConfigError with the closest names."""
     if name not in PRESETS:
         close = difflib.get_close_matches(name, PRESETS, n=3)
         hint = f" Did you mean: {', '.join(close)}?" if close else ""

@@ -32,7 +32,7 @@ class Trainer:
     evaluation tasks; gradients and method state are all-reduced, results gathered.
     """
 
-    def __init__(self, cfg: Config, tasks: TaskSource, device: torch.device, dist: Dist = Dist()):
+    def __init__(self, cfg: Config, tasks: TaskSource, device: torch.device, dist: Dist = Dist(), backbone=None):
         if dist.world > cfg.outer.meta_batch:
             raise ConfigError(f"outer.meta_batch={cfg.outer.meta_batch} is smaller than the {dist.world} processes; "
                               "every process needs at least one task")
@@ -41,7 +41,7 @@ class Trainer:
                               "(each process already holds only its share of the tasks)")
         self.cfg, self.tasks, self.device, self.dist = cfg, tasks, device, dist
         self.dtype = getattr(torch, cfg.train.dtype)
-        self.method = build_method(cfg, tasks.kind, tasks.input_shape, tasks.num_outputs)
+        self.method = build_method(cfg, tasks.kind, tasks.input_shape, tasks.num_outputs, backbone)
         generator = torch.Generator().manual_seed(cfg.train.seed)
         self.params, self.state = self.method.init(generator, self.dtype, device)
         self.optimizer = torch.optim.Adam(self.method.trainable(self.params), lr=cfg.outer.lr,

@@ -12,9 +12,10 @@ from . import maml, matchingnet, protonet  # noqa: F401  (registration)
 from .base import Method, Params, flatten, leaves
 
 
-def build_method(cfg, kind: str, input_shape: tuple[int, ...], num_outputs: int) -> Method:
-    """The registered method that cfg.method.name names, built for these tasks."""
-    return METHODS.get(cfg.method.name)(cfg, kind, input_shape, num_outputs)
+def build_method(cfg, kind: str, input_shape: tuple[int, ...], num_outputs: int, backbone=None) -> Method:
+    """The registered method that cfg.method.name names, built for these tasks (with a custom backbone
+    factory instead of model.arch's, if given)."""
+    return METHODS.get(cfg.method.name)(cfg, kind, input_shape, num_outputs, backbone)
 
 
 __all__ = ["Method", "Params", "build_method", "flatten", "leaves"]

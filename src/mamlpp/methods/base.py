@@ -23,6 +23,9 @@ Params = dict[str, Tree]
 
 
 class Method:
+    """A few-shot algorithm behind the interface this module describes (register subclasses with
+    `@METHODS.register(name)`)."""
+
     name: str  # set by METHODS.register
     Options: type[MethodConfig] = MethodConfig  # the `method.*` config section; subclass to add options
     kinds: tuple[str, ...] = ("classification",)  # task kinds it handles (tasks.py: classification, regression)
@@ -30,8 +33,10 @@ class Method:
     loop_oracle = False  # has a per-task loop implementation (train.impl=loop) to test the parallel path against
     backbone: "Backbone"  # built in __init__; its activation_elements size the trainer's CPU chunks
 
-    def __init__(self, cfg: Config, kind: str, input_shape: tuple[int, ...], num_outputs: int):
+    def __init__(self, cfg: Config, kind: str, input_shape: tuple[int, ...], num_outputs: int, backbone=None):
+        """backbone: a factory to build instead of the registered model.arch (usermodule.ModuleBackbone)."""
         self.cfg, self.kind, self.input_shape, self.num_outputs = cfg, kind, input_shape, num_outputs
+        self.custom_backbone = backbone
 
     @classmethod
     def check(cls, cfg: Config, backbone) -> None:
@@ -75,6 +80,16 @@ class Method:
         {"loss": [B], "output": [B, n, ...], "accuracy": [B] (classification)}. "output" is logits:
         unnormalised log-probabilities, which the test protocol averages over checkpoints."""
         raise NotImplementedError
+
+
+    # ---- optional: adaptation apart from prediction (the Python API's Learner.adapt / Learner.predict) ----
+    def adapt(self, params: Params, state: Tree, xs: torch.Tensor, ys: torch.Tensor) -> Tree:
+        """What a task keeps of its support set xs [B, N*K, ...], ys [B, N*K]: fast weights, embeddings."""
+        raise NotImplementedError(f"method.name={self.name} does not separate adaptation from prediction")
+
+    def apply(self, params: Params, state: Tree, fast: Tree, xq: torch.Tensor) -> torch.Tensor:
+        """Logits [B, n, ...] of queries xq [B, n, ...] given what `adapt` returned."""
+        raise NotImplementedError(f"method.name={self.name} does not separate adaptation from prediction")
 
 
 def flatten(params: Params) -> dict[str, torch.Tensor]:

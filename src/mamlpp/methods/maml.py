@@ -12,7 +12,7 @@ from ..distributed import Shard
 from ..inner import init_rates
 from ..loop import evaluate_loop, meta_loss_loop
 from ..network import build_backbone
-from ..objective import evaluate, meta_loss
+from ..objective import adapt, evaluate, meta_loss, query_output
 from .base import Method, leaves
 
 
@@ -21,10 +21,13 @@ class MAML(Method):
     kinds = ("classification", "regression")
     loop_oracle = True
 
-    def __init__(self, cfg: Config, kind: str, input_shape, num_outputs: int):
-        super().__init__(cfg, kind, input_shape, num_outputs)
-        self.backbone = build_backbone(cfg.model, input_shape, num_outputs, bn_slots=cfg.inner.steps)
+    def __init__(self, cfg: Config, kind: str, input_shape, num_outputs: int, backbone=None):
+        super().__init__(cfg, kind, input_shape, num_outputs, backbone)
+        self.backbone = build_backbone(cfg.model, input_shape, num_outputs, cfg.inner.steps, backbone)
         loop = cfg.train.impl == "loop"
+        if loop and backbone is not None:
+            raise ConfigError("train.impl=loop is the oracle for the built-in backbones; a ModuleBackbone runs "
+                              "with train.impl=parallel")
         self._meta_loss = meta_loss_loop if loop else meta_loss
         self._evaluate = evaluate_loop if loop else evaluate
 
@@ -58,3 +61,11 @@ class MAML(Method):
     def predict(self, params, state, episodes, steps: int | None = None):
         """`steps` inner steps (default inner.test_steps; 0: the meta-initialisation unadapted)."""
         return self._evaluate(self.backbone, params, state, episodes, self.cfg, self.kind, steps)
+
+    def adapt(self, params, state, xs, ys, steps: int | None = None):
+        steps = self.cfg.inner.test_steps if steps is None else steps
+        return adapt(self.backbone, params, state, xs, ys, self.cfg, self.kind, steps)
+
+    def apply(self, params, state, fast, xq, steps: int | None = None):
+        steps = self.cfg.inner.test_steps if steps is None else steps
+        return query_output(self.backbone, params, state, fast, xq, self.cfg, steps)

@@ -22,9 +22,9 @@ class MetricMethod(Method):
     """Subclasses give `log_probs(params, support, ys, query, ways, training)` -> [B, nq, ways] and,
     optionally, `init_head` for parameters beyond the embedding."""
 
-    def __init__(self, cfg: Config, kind: str, input_shape, num_outputs: int):
-        super().__init__(cfg, kind, input_shape, num_outputs)
-        self.backbone = build_backbone(cfg.model, input_shape, 0, bn_slots=1)  # no head: embeddings
+    def __init__(self, cfg: Config, kind: str, input_shape, num_outputs: int, backbone=None):
+        super().__init__(cfg, kind, input_shape, num_outputs, backbone)
+        self.backbone = build_backbone(cfg.model, input_shape, 0, 1, backbone)  # no head, one BN slot
 
     @classmethod
     def check(cls, cfg: Config, backbone) -> None:
@@ -49,6 +49,19 @@ class MetricMethod(Method):
         use_running = not training and self.cfg.model.bn_eval == "running"
         feats, stats = self.backbone.forward(net, params["bn"], state, x, 0, use_running, training and bool(state))
         return feats[:, : xs.shape[1]], feats[:, xs.shape[1]:], stats
+
+    def adapt(self, params, state, xs, ys):
+        """The support embeddings and labels. Support and queries are embedded in separate passes, which
+        is what `predict` computes when batch norm uses running statistics (model.bn_eval=running)."""
+        with torch.no_grad():
+            support, _, _ = self.embed(params, state, {"xs": xs, "xq": xs[:, :0]}, training=False)
+        return {"support": support, "ys": ys}
+
+    def apply(self, params, state, fast, xq):
+        ways = fast["ys"].shape[1] // self.cfg.data.shots
+        with torch.no_grad():
+            _, query, _ = self.embed(params, state, {"xs": xq[:, :0], "xq": xq}, training=False)
+            return self.log_probs(params, fast["support"], fast["ys"], query, ways, training=False)
 
     def _scores(self, params, state, episodes, training: bool):
         support, query, stats = self.embed(params, state, episodes, training)
