@@ -129,6 +129,7 @@ class OuterConfig:
     ca: bool = False
     eta_min: float = 1e-5
     grad_clamp: Optional[float] = None  # element-wise clamp of network meta-gradients (Mini: 10)
+    grad_norm_clip: Optional[float] = None  # clip the meta-gradient's global norm (Meta-LSTM: 0.25)
     # Step decay of the meta learning rate (Prototypical Networks): x lr_step_gamma every
     # lr_step_epochs epochs; 0: off.
     lr_step_epochs: int = 0
@@ -405,8 +406,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError("model.bn_eval=running needs per-step running statistics: set model.bnrs=true")
     if not 0.0 < m.bn_momentum <= 1.0:
         raise ConfigError(f"model.bn_momentum={m.bn_momentum}: must be in (0, 1]")
-    if o.grad_clamp is not None and o.grad_clamp <= 0:
-        raise ConfigError(f"outer.grad_clamp={o.grad_clamp}: must be > 0 or none")
+    for key, value in (("outer.grad_clamp", o.grad_clamp), ("outer.grad_norm_clip", o.grad_norm_clip)):
+        if value is not None and value <= 0:
+            raise ConfigError(f"{key}={value}: must be > 0 or none")
     if not 0.0 <= o.msl_floor * 1.0 < 1.0:
         raise ConfigError(f"outer.msl_floor={o.msl_floor}: must be in [0, 1)")
     if len(o.betas) != 2 or not all(0.0 <= b < 1.0 for b in o.betas):

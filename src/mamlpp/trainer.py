@@ -47,7 +47,7 @@ class Trainer:
         self.optimizer = torch.optim.Adam(self.method.trainable(self.params), lr=cfg.outer.lr,
                                           betas=tuple(cfg.outer.betas))
         self.clamped = self.method.clamped(self.params)
-        self.activations = self.method.backbone.activation_elements  # per example, largest layer
+        self.activations = self.method.activation_elements()  # per example, largest layer
 
     def meta_step(self, episodes: dict, epoch: int) -> dict[str, torch.Tensor]:
         """One meta-update on a batch of tasks. Metrics stay on the device (no host sync)."""
@@ -81,6 +81,8 @@ class Trainer:
             for p in self.clamped:
                 if p.grad is not None:
                     p.grad.clamp_(-c, c)
+        if self.cfg.outer.grad_norm_clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.clamped, self.cfg.outer.grad_norm_clip)
         self.optimizer.step()
         metrics["meta_loss"] = loss.detach()
         return metrics

@@ -31,7 +31,7 @@ class Method:
     kinds: tuple[str, ...] = ("classification",)  # task kinds it handles (tasks.py: classification, regression)
     backbones: tuple[str, ...] | None = None  # model.arch values it accepts; None: every registered backbone
     loop_oracle = False  # has a per-task loop implementation (train.impl=loop) to test the parallel path against
-    backbone: "Backbone"  # built in __init__; its activation_elements size the trainer's CPU chunks
+    backbone: "Backbone | None" = None  # built in __init__ by methods that use one
 
     def __init__(self, cfg: Config, kind: str, input_shape: tuple[int, ...], num_outputs: int, backbone=None):
         """backbone: a factory to build instead of the registered model.arch (usermodule.ModuleBackbone)."""
@@ -51,6 +51,10 @@ class Method:
                               f"{cfg.data.dataset} is {kind}")
         if cfg.train.impl == "loop" and not cls.loop_oracle:
             raise ConfigError(f"train.impl=loop: method.name={cls.name} has no per-task loop; use train.impl=parallel")
+
+    def activation_elements(self) -> int:
+        """Elements of the largest activation of one example: the trainer sizes its CPU chunks from it."""
+        return self.backbone.activation_elements if self.backbone is not None else 0
 
     def init(self, generator: torch.Generator, dtype: torch.dtype, device) -> tuple[Params, Tree]:
         """(params, state) at the start of training, drawn from `generator` only (deterministic)."""
