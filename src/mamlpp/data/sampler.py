@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from ..tasks import task_seed
-from .common import IMAGENET_MEAN, IMAGENET_STD, DataError, ImageSet, _env
+from .common import NORM_STATS, DataError, ImageSet, _env
 
 Episodes = dict[str, torch.Tensor]
 
@@ -115,8 +115,8 @@ class ImageTasks:
             self._perms = torch.stack([torch.rot90(grid, k).reshape(-1) for k in range(4)]).to(self.device)
         self._scale = self._shift = None
         if data.norm != "none":
-            mean = torch.tensor(IMAGENET_MEAN if data.norm == "imagenet" else (0.0,) * c, dtype=torch.float64)
-            std = torch.tensor(IMAGENET_STD if data.norm == "imagenet" else (1.0,) * c, dtype=torch.float64)
+            mean, std = NORM_STATS.get(data.norm, ((0.0,) * c, (1.0,) * c))
+            mean, std = torch.tensor(mean, dtype=torch.float64), torch.tensor(std, dtype=torch.float64)
             # (x/255 - mean)/std as x*scale + shift, applied in place
             self._scale = (1.0 / (255.0 * std)).to(dtype).view(c, 1, 1).to(self.device)
             self._shift = (-mean / std).to(dtype).view(c, 1, 1).to(self.device)
