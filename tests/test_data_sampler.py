@@ -145,3 +145,33 @@ def test_rotation_needs_square_images():
     with pytest.raises(DataError, match="square"):
         ImageTasks(data, 2, 1, 1, seed=0, augment=True)
     ImageTasks(data, 2, 1, 1, seed=0, augment=False).train_batch(0, 2)
+
+
+@pytest.mark.parametrize("norm,channels,augment", [("none", 1, True), ("imagenet", 3, False), ("cifar100", 3, False)])
+def test_streamed_images_give_the_same_episodes(norm, channels, augment):
+    """Above the device limit the images stay in host memory and each batch is gathered there; forcing
+    the limit to 0 on the CPU exercises that path, which must give exactly the resident path's episodes."""
+    data = tagged_set([7, 9, 6, 8] * 6, channels=channels, norm=norm)
+    resident = ImageTasks(data, 3, 2, 2, seed=4, augment=augment, dtype=torch.float64)
+    streamed = ImageTasks(data, 3, 2, 2, seed=4, augment=augment, dtype=torch.float64, device_max_bytes=0)
+    assert streamed.streamed and not resident.streamed
+    assert ImageTasks(data, 3, 2, 2, seed=4, augment=augment, device_max_bytes=data.images.nbytes).streamed is False
+    for a, b in ((resident.train_batch(2, 5), streamed.train_batch(2, 5)),
+                 (resident.eval_batch("val", 3, 7), streamed.eval_batch("val", 3, 7))):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_device_limit_from_the_environment(monkeypatch):
+    from mamlpp.data.sampler import DEVICE_COPY_MAX_BYTES, device_copy_limit
+
+    monkeypatch.delenv("MAMLPP_DEVICE_IMAGES_GB", raising=False)
+    assert device_copy_limit() == DEVICE_COPY_MAX_BYTES == 4 << 30
+    monkeypatch.setenv("MAMLPP_DEVICE_IMAGES_GB", "0.5")
+    assert device_copy_limit() == 1 << 29
+    data = tagged_set([6] * 9)
+    monkeypatch.setenv("MAMLPP_DEVICE_IMAGES_GB", "0")
+    assert ImageTasks(data, 2, 1, 1, seed=0, augment=False).streamed
+    for bad in ("-1", "lots", "nan", "inf"):
+        monkeypatch.setenv("MAMLPP_DEVICE_IMAGES_GB", bad)
+        with pytest.raises(DataError, match=rf"MAMLPP_DEVICE_IMAGES_GB='{bad}': expected a size in GB >= 0"):
+            device_copy_limit()

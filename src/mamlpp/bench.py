@@ -131,7 +131,7 @@ class SyntheticTasks:
 
     def __init__(self, cfg: Config, device: torch.device, dtype: torch.dtype):
         d = cfg.data
-        size = d.image_size or (28 if d.dataset == "omniglot" else 84)
+        size = d.image_size or {"omniglot": 28, "cifar_fs": 32, "fc100": 32}.get(d.dataset, 84)
         channels = d.channels or (1 if d.dataset == "omniglot" else 3)
         self.input_shape, self.num_outputs = (channels, size, size), d.ways
         self.cfg, self.device, self.dtype = cfg, device, dtype

@@ -14,7 +14,8 @@ def resolve_data_config(preset: str | None, dataset: str | None, overrides: list
     if preset:
         return resolve(preset, overrides)
     if not dataset:
-        raise ConfigError("give a PRESET or --dataset NAME (omniglot, mini_imagenet, folder)")
+        raise ConfigError("give a PRESET or --dataset NAME (omniglot, mini_imagenet, cifar_fs, fc100, "
+                          "tiered_imagenet, cub, folder)")
     return apply_overrides(Config(name=dataset), [f"data.dataset={dataset}", *overrides])
 
 

@@ -56,7 +56,8 @@ BACKBONES = Registry("model.arch")
 
 @dataclass
 class DataConfig:
-    dataset: Literal["sinusoid", "omniglot", "mini_imagenet", "folder"] = "omniglot"
+    dataset: Literal["sinusoid", "omniglot", "mini_imagenet", "cifar_fs", "fc100", "tiered_imagenet", "cub",
+                     "folder"] = "omniglot"
     data_dir: str = ""  # empty: --data-dir, then $MAMLPP_DATA, then the user cache directory
     ways: int = 5  # N classes per task (ignored by sinusoid)
     shots: int = 1  # K support examples per class (sinusoid: K points per task)
@@ -66,7 +67,7 @@ class DataConfig:
     train_queries: int = 0
     split: Literal["reference", "vinyals"] = "reference"  # Omniglot class split
     augment: bool = True  # Omniglot: per-task, per-class random k*90 degree rotation (train only)
-    image_size: int = 0  # 0: the data set's own size (28 Omniglot, 84 Mini-ImageNet)
+    image_size: int = 0  # 0: the data set's own size (28 Omniglot, 32 CIFAR-FS/FC100, 84 the others)
     channels: int = 0  # 0: the data set's own channel count
     split_fractions: tuple[float, ...] = (0.64, 0.16, 0.20)  # image folders that are not pre-split
 

@@ -1,4 +1,5 @@
-"""Image data for few-shot learning: Omniglot, Mini-ImageNet and plain image folders.
+"""Image data for few-shot learning: Omniglot, Mini-ImageNet, CIFAR-FS, FC100, tieredImageNet, CUB-200-2011
+and plain image folders.
 
 Every data set is decoded once into a uint8 cache (see cache.py) and served as N-way K-shot
 episodes by `ImageTasks` (see sampler.py). Entry point: `build_image_tasks`.
@@ -6,8 +7,9 @@ episodes by `ImageTasks` (see sampler.py). Entry point: `build_image_tasks`.
 Where things live:
   data root:  --data-dir, then data.data_dir, then $MAMLPP_DATA, then $XDG_CACHE_HOME/mamlpp
               (~/.cache/mamlpp). Omniglot: ROOT/omniglot/images_{background,evaluation}.zip;
-              Mini-ImageNet: ROOT/mini_imagenet/. For data.dataset=folder the directory given
-              by --data-dir / data.data_dir is the image folder itself.
+              Mini-ImageNet: ROOT/mini_imagenet/; CIFAR-FS and FC100: ROOT/cifar100/cifar-100-python.tar.gz;
+              tieredImageNet: ROOT/tiered_imagenet/; CUB: ROOT/cub/CUB_200_2011/images/. For
+              data.dataset=folder the directory given by --data-dir / data.data_dir is the image folder itself.
   caches:     $MAMLPP_CACHE, else $XDG_CACHE_HOME/mamlpp/cache; never inside the data root,
               which may be read-only.
 """
@@ -28,8 +30,9 @@ __all__ = ["DataError", "ImageSet", "ImageTasks", "Split", "build_image_tasks", 
 def load_image_set(data_cfg, data_dir: str | os.PathLike | None = None, *, cache_dir=None, force: bool = False,
                    download: bool = True, csv_dir: str | os.PathLike | None = None) -> ImageSet:
     """The decoded data set that `data_cfg` (a mamlpp.config.DataConfig) names, building its cache
-    when missing (force=True: rebuild it). download=False: never fetch Omniglot, fail instead.
-    csv_dir: an extra place to look for Mini-ImageNet's train/val/test.csv."""
+    when missing (force=True: rebuild it). download=False: never fetch a missing archive
+    (Omniglot, CIFAR-100), fail instead. csv_dir: an extra place to look for Mini-ImageNet's
+    train/val/test.csv."""
     cache_root = resolve_cache_root(cache_dir)
     dataset = data_cfg.dataset
     if dataset == "folder":
@@ -54,6 +57,25 @@ def load_image_set(data_cfg, data_dir: str | os.PathLike | None = None, *, cache
         if _env("MAMLPP_DATA"):
             csv_dirs.append(Path(_env("MAMLPP_DATA")) / "mini_imagenet" / "splits" / "ravi")
         return load_mini_imagenet(data_cfg, root, cache_root, force, csv_dirs)
+    if dataset in ("cifar_fs", "fc100"):
+        from .download import download_cifar100
+
+        fetch = download_cifar100 if download else None
+        if dataset == "cifar_fs":
+            from .cifar_fs import load_cifar_fs
+
+            return load_cifar_fs(data_cfg, root, cache_root, force, fetch)
+        from .fc100 import load_fc100
+
+        return load_fc100(data_cfg, root, cache_root, force, fetch)
+    if dataset == "tiered_imagenet":
+        from .tiered_imagenet import load_tiered_imagenet
+
+        return load_tiered_imagenet(data_cfg, root, cache_root, force)
+    if dataset == "cub":
+        from .cub import load_cub
+
+        return load_cub(data_cfg, root, cache_root, force)
     raise DataError(f"data.dataset={dataset} is not an image data set")
 
 

@@ -16,7 +16,7 @@ from . import DataError, ImageTasks, build_image_tasks, load_image_set
 
 
 def cmd_prepare(cfg, data_dir: str | None = None, force: bool = False) -> int:
-    """Build (force: rebuild) the cache of cfg.data's data set, downloading Omniglot if missing."""
+    """Build (force: rebuild) the cache of cfg.data's data set, downloading Omniglot or CIFAR-100 if missing."""
     data = load_image_set(cfg.data, data_dir, force=force)
     print(f"{data.dataset}: {len(data.images)} images of {len(data.class_names)} classes, "
           f"{'x'.join(map(str, data.images.shape[1:]))} uint8, cached in {data.cache_path}")
@@ -26,7 +26,8 @@ def cmd_prepare(cfg, data_dir: str | None = None, force: bool = False) -> int:
 def cmd_check(cfg, data_dir: str | None = None) -> int:
     """Print sources with checksums and split sizes, and check N/K/T against every split."""
     data = load_image_set(cfg.data, data_dir)
-    print(f"data set   {data.dataset} (split: {cfg.data.split if data.dataset == 'omniglot' else 'own'})")
+    split = cfg.data.split if data.dataset == "omniglot" else (data.split_source or "own")
+    print(f"data set   {data.dataset} (split: {split})")
     print(f"cache      {data.cache_path}")
     print(f"images     {len(data.images)} of shape {tuple(data.images.shape[1:])}, {len(data.class_names)} classes")
     for source, checksum in data.sources.items():
@@ -89,14 +90,15 @@ def register(subparsers, resolve_config) -> None:
     resolve_config(preset, dataset, overrides) -> Config is supplied by the main CLI."""
     parser = subparsers.add_parser("data", help="prepare, check or look at an image data set")
     sub = parser.add_subparsers(dest="data_command", required=True)
-    helps = {"prepare": "decode the data set into its cache (downloads Omniglot if missing)",
+    helps = {"prepare": "decode the data set into its cache (downloads Omniglot or CIFAR-100 if missing)",
              "check": "print split sizes and source checksums, check ways/shots/queries",
              "show": "write a PNG of one sampled episode"}
     for name, text in helps.items():
         p = sub.add_parser(name, help=text)
         p.add_argument("preset", nargs="?", help="preset name (or give --dataset)")
         p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. data.ways=5")
-        p.add_argument("--dataset", help="data set without a preset: omniglot, mini_imagenet, folder")
+        p.add_argument("--dataset", help="data set without a preset: omniglot, mini_imagenet, cifar_fs, fc100, "
+                                         "tiered_imagenet, cub, folder")
         p.add_argument("--data-dir", default=None, help="data root (folder data set: the image folder)")
         if name == "prepare":
             p.add_argument("--force", action="store_true", help="rebuild the cache even if it exists")

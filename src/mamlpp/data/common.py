@@ -22,6 +22,12 @@ IMAGE_EXTS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif"
 # ImageNet statistics used by the reference for Mini-ImageNet (spec 6.2), per RGB channel.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# CIFAR-100's per-channel statistics as CIFAR-FS and FC100 code normalises with them since MetaOptNet
+# (kjunelee/MetaOptNet, data/CIFAR_FS.py and data/FC100.py: mean_pix, std_pix on the 0-255 scale).
+CIFAR100_MEAN = (129.37731888 / 255, 124.10583864 / 255, 112.47758569 / 255)
+CIFAR100_STD = (68.20947949 / 255, 65.43124043 / 255, 70.45866994 / 255)
+# ImageSet.norm -> (mean, std) per channel of x/255; 'unit' is x/255 alone, 'none' the stored values.
+NORM_STATS = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD), "cifar100": (CIFAR100_MEAN, CIFAR100_STD)}
 
 
 def _env(name: str) -> str | None:
@@ -74,10 +80,12 @@ class ImageSet:
     class_names: list[str]
     offsets: np.ndarray  # int64 [n_classes + 1]: class c owns images offsets[c]:offsets[c+1]
     splits: dict[str, Split]
-    # 'none': values used as stored (Omniglot {0,1}); 'unit': x/255; 'imagenet': x/255, then mean/std.
-    norm: Literal["none", "unit", "imagenet"]
+    # 'none': values used as stored (Omniglot {0,1}); 'unit': x/255; 'imagenet', 'cifar100': x/255,
+    # then that data set's per-channel mean/std (NORM_STATS).
+    norm: Literal["none", "unit", "imagenet", "cifar100"]
     cache_path: Path | None = None
     sources: dict[str, str] = field(default_factory=dict)  # source name -> checksum/fingerprint
+    split_source: str = ""  # where a fixed class split comes from, for `mamlpp data check`
 
     @property
     def counts(self) -> np.ndarray:
@@ -87,6 +95,29 @@ class ImageSet:
         counts = self.counts
         return {name: {"classes": len(s.classes), "images": int(counts[s.classes].sum())}
                 for name, s in self.splits.items()}
+
+
+def check_member_name(archive: Path, member: str, what: str) -> None:
+    """Refuse archive members whose names could point outside the archive's own folder (absolute
+    paths, drive letters, '..' components); `what` names the archive expected, for the message."""
+    p = member.replace("\\", "/")
+    if p.startswith("/") or (len(p) > 1 and p[1] == ":" and p[0].isalpha()) or ".." in p.split("/"):
+        raise DataError(f"{archive}: member {member!r} has an absolute path or a '..' component; "
+                        f"refusing to read this archive (it is not a genuine {what})")
+
+
+def fixed_splits(class_names: list[str], lists: dict[str, list[str]], source: Path | str, what: str) -> dict[str, Split]:
+    """Splits given by name lists (published class splits): every listed name must be a class of
+    the data (else a DataError naming `source`), in the order the data has them."""
+    index = {c: i for i, c in enumerate(class_names)}
+    splits = {}
+    for split in SPLITS:
+        missing = [c for c in lists[split] if c not in index]
+        if missing:
+            more = f" ({len(missing)} of its {len(lists[split])} classes are missing)" if len(missing) > 1 else ""
+            raise DataError(f"{source}: has no class {missing[0]!r} of the {what} {split} split{more}")
+        splits[split] = plain_split(sorted(index[c] for c in lists[split]), class_names)
+    return splits
 
 
 def offsets_from_counts(counts) -> np.ndarray:

@@ -1,8 +1,9 @@
-"""Fetching the Omniglot archives when they are not on disk.
+"""Fetching the Omniglot archives and CIFAR-100's python archive when they are not on disk.
 
-Each archive is streamed to a temporary file beside its destination, verified (the upstream MD5
-when it comes from upstream; always: a valid zip with the expected layout and image counts), and
-only then renamed into place, so an interrupted or wrong download never looks like data.
+Each archive is streamed to a temporary file beside its destination, verified, and only then renamed
+into place, so an interrupted or wrong download never looks like data. Omniglot: the upstream MD5
+when it comes from upstream, and always a valid zip with the expected layout and image counts.
+CIFAR-100: always the published MD5 (a mirror must serve the same bytes), and the archive's members.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from . import cifar100
 from .common import DataError, _env
 from .omniglot import EXPECTED, list_source
 
@@ -85,3 +87,55 @@ def download_omniglot(target: Path, names: list[str], base_url: str | None = Non
             raise DataError(f"could not download {url} ({e}).\n" + _manual_hint(target, names)) from e
         finally:
             tmp.unlink(missing_ok=True)
+
+
+def cifar100_url(url: str | None = None) -> str:
+    """The argument, then $MAMLPP_CIFAR100_URL (the archive's full URL on a mirror), then the public one."""
+    return url or _env("MAMLPP_CIFAR100_URL") or cifar100.URL
+
+
+def _cifar_hint(target: Path) -> str:
+    return (f"Without internet access, download {cifar100.URL} on another machine (MD5 {cifar100.MD5}) and put "
+            f"it at {target / cifar100.ARCHIVE} (or point --data-dir / MAMLPP_DATA at a folder whose cifar100/ "
+            "subfolder holds it).")
+
+
+def download_cifar100(target: Path, url: str | None = None) -> None:
+    """Download cifar-100-python.tar.gz into the folder `target`, checked against its published MD5."""
+    url = cifar100_url(url)
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+        if not os.access(target, os.W_OK):
+            raise PermissionError(f"{target} is not writable")
+    except OSError as e:
+        raise DataError(f"CIFAR-100 is missing and cannot be downloaded into {target} ({e}).\n"
+                        + _cifar_hint(target)) from e
+    fd, tmp_name = tempfile.mkstemp(prefix=".cifar-100-python.part-", suffix=".tar.gz", dir=target)
+    tmp = Path(tmp_name)
+    try:
+        md5 = hashlib.md5()
+        with os.fdopen(fd, "wb") as f:
+            with urllib.request.urlopen(url, timeout=60) as response:
+                size = int(response.headers.get("Content-Length") or 0) or None
+                with tqdm(total=size, unit="B", unit_scale=True, desc=cifar100.ARCHIVE, disable=None) as bar:
+                    while chunk := response.read(1 << 16):
+                        f.write(chunk)
+                        md5.update(chunk)
+                        bar.update(len(chunk))
+            f.flush()
+            os.fsync(f.fileno())
+        if md5.hexdigest() != cifar100.MD5:
+            raise DataError(f"{url}: MD5 {md5.hexdigest()} differs from the published {cifar100.MD5}; the download "
+                            "is damaged or not the CIFAR-100 python archive, try again")
+        try:
+            members = cifar100.archive_members(tmp)
+        except DataError as e:
+            raise DataError(f"{url}: the downloaded file is not the CIFAR-100 python archive: {e}") from e
+        missing = [m for m in cifar100.MEMBERS if f"{cifar100.FOLDER}/{m}" not in members]
+        if missing:
+            raise DataError(f"{url}: the downloaded archive has no {', '.join(missing)} under {cifar100.FOLDER}/")
+        os.replace(tmp, target / cifar100.ARCHIVE)
+    except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
+        raise DataError(f"could not download {url} ({e}).\n" + _cifar_hint(target)) from e
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -20,6 +20,7 @@ from PIL import Image
 from .cache import entry_dir, load_entry, sha256_file, write_entry
 from .common import SPLITS, DataError, ImageSet
 from .folder import ClassFiles, cached_classes, image_set, scan_classes
+from .safepickle import ArrayUnpickler as _ArrayUnpickler
 
 PICKLES = {s: f"mini-imagenet-cache-{s}.pkl" for s in SPLITS}
 LAYOUTS = ("train/ val/ test/ folders of <wnid>/*.jpg",
@@ -77,19 +78,6 @@ def read_split_csv(path: Path, images_dir: Path, split: str) -> list[ClassFiles]
     if not by_label:
         raise DataError(f"{path}: names no images")
     return [ClassFiles(f"{split}/{label}", split, sorted(files)) for label, files in sorted(by_label.items())]
-
-
-class _ArrayUnpickler(pickle.Unpickler):
-    """Pickles can run arbitrary code; these only need numpy arrays, dicts, lists and strings."""
-
-    _NUMPY = {"_reconstruct", "ndarray", "dtype", "scalar", "_frombuffer"}
-    _OTHER = {("_codecs", "encode"), ("builtins", "bytearray"), ("collections", "OrderedDict")}
-
-    def find_class(self, module, name):
-        if (module == "numpy" or module.startswith(("numpy.core.", "numpy._core."))) and name in self._NUMPY \
-                or (module, name) in self._OTHER:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
 
 
 def read_pickle(path: Path) -> tuple[np.ndarray, dict[str, list[int]]]:

@@ -7,6 +7,12 @@ unused, so augmentation on/off does not change which images a task gets), and on
 per image slot of each class, whose argsort picks K+T distinct images. The gather itself is one
 tensor index on the device, plus one gather for rotations; no per-image Python work.
 
+Where the images live: a set up to `device_copy_limit()` bytes (4 GiB; every set but tieredImageNet)
+is copied to the training device once. A larger one stays in host memory as the cache's memory map
+(the OS pages it in; nothing is copied whole), each batch's images are gathered there, and only
+those travel, through pinned memory with an asynchronous copy on CUDA. Pinning the whole set
+instead would lock its full size (16 GB for tieredImageNet) in RAM. Both paths give the same episodes.
+
 Seeds: the training stream depends on train.seed; validation and test task sets do not (they are
 the same fixed tasks for every run, like the reference's fixed val seed), and each split has its
 own key, so no two splits share task seeds (unlike the reference, spec 10 #14).
@@ -20,7 +26,7 @@ import numpy as np
 import torch
 
 from ..tasks import task_seed
-from .common import IMAGENET_MEAN, IMAGENET_STD, DataError, ImageSet
+from .common import NORM_STATS, DataError, ImageSet, _env
 
 Episodes = dict[str, torch.Tensor]
 
@@ -34,11 +40,33 @@ class _SplitTable:
     width: int  # max(count)
 
 
+DEVICE_COPY_MAX_BYTES = 4 << 30  # larger image sets stay in host memory (see the module docstring)
+
+
+def device_copy_limit() -> int:
+    """The largest image set (bytes) copied whole to an accelerator: $MAMLPP_DEVICE_IMAGES_GB, else 4 GiB."""
+    env = _env("MAMLPP_DEVICE_IMAGES_GB")
+    if env is None:
+        return DEVICE_COPY_MAX_BYTES
+    try:
+        gb = float(env)
+    except ValueError:
+        gb = -1.0
+    if not gb >= 0 or gb == float("inf"):
+        raise DataError(f"MAMLPP_DEVICE_IMAGES_GB={env!r}: expected a size in GB >= 0 (0: never copy the set whole)")
+    return int(gb * (1 << 30))
+
+
+def host_images(images: np.ndarray) -> torch.Tensor:
+    """uint8 images as a CPU tensor: the cache's memory map as it is (no copy)."""
+    return torch.from_numpy(images if images.flags.writeable else np.array(images))
+
+
 def images_to_device(images: np.ndarray, device: torch.device) -> torch.Tensor:
     """uint8 images as a tensor on `device`. On the CPU the cache's memory map is used as it is
     (no copy); for an accelerator it is copied over in chunks, never as a whole host copy."""
     if device.type == "cpu":
-        return torch.from_numpy(images if images.flags.writeable else np.array(images))
+        return host_images(images)
     out = torch.empty(images.shape, dtype=torch.uint8, device=device)
     step = max(1, (256 << 20) // max(1, int(np.prod(images.shape[1:]))))
     for i in range(0, len(images), step):
@@ -53,7 +81,7 @@ class ImageTasks:
 
     def __init__(self, data: ImageSet, ways: int, shots: int, queries: int, seed: int, augment: bool,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                 train_ways: int = 0, train_queries: int = 0):
+                 train_ways: int = 0, train_queries: int = 0, device_max_bytes: int | None = None):
         self.data = data
         self.ways, self.shots, self.queries = ways, shots, queries
         # Training tasks may have more classes or queries than evaluation tasks (0: the same).
@@ -72,7 +100,11 @@ class ImageTasks:
                                              torch.as_tensor(split.rotations, dtype=torch.int64),
                                              int(counts[cls].max()))
         self.seed = seed  # drives the training stream only; validation and test tasks are fixed
-        self.images = images_to_device(data.images, self.device)
+        # Small sets live on the device; larger ones (device_max_bytes, default device_copy_limit())
+        # stay in host memory and each batch's gathered images are copied over (self.streamed).
+        limit = device_copy_limit() if device_max_bytes is None else device_max_bytes
+        self.streamed = int(data.images.nbytes) > limit
+        self.images = host_images(data.images) if self.streamed else images_to_device(data.images, self.device)
         c, h, w = self.input_shape
         self._perms = None
         if augment or any(s.rotations.any() for s in data.splits.values()):
@@ -83,8 +115,8 @@ class ImageTasks:
             self._perms = torch.stack([torch.rot90(grid, k).reshape(-1) for k in range(4)]).to(self.device)
         self._scale = self._shift = None
         if data.norm != "none":
-            mean = torch.tensor(IMAGENET_MEAN if data.norm == "imagenet" else (0.0,) * c, dtype=torch.float64)
-            std = torch.tensor(IMAGENET_STD if data.norm == "imagenet" else (1.0,) * c, dtype=torch.float64)
+            mean, std = NORM_STATS.get(data.norm, ((0.0,) * c, (1.0,) * c))
+            mean, std = torch.tensor(mean, dtype=torch.float64), torch.tensor(std, dtype=torch.float64)
             # (x/255 - mean)/std as x*scale + shift, applied in place
             self._scale = (1.0 / (255.0 * std)).to(dtype).view(c, 1, 1).to(self.device)
             self._shift = (-mean / std).to(dtype).view(c, 1, 1).to(self.device)
@@ -150,7 +182,14 @@ class ImageTasks:
         chunk never holds more than its output plus the uint8 gather."""
         b, n, m = index.shape
         c, h, w = self.input_shape
-        x = self.images.index_select(0, index.reshape(-1).to(self.device))  # uint8 [B*N*M, C, H, W]
+        if self.streamed:  # gather in host memory, then copy only this batch to the device
+            x = self.images.index_select(0, index.reshape(-1).cpu())  # uint8 [B*N*M, C, H, W]
+            if self.device.type == "cuda":
+                x = x.pin_memory().to(self.device, non_blocking=True)
+            else:
+                x = x.to(self.device)
+        else:
+            x = self.images.index_select(0, index.reshape(-1).to(self.device))  # uint8 [B*N*M, C, H, W]
         if rotations is not None:
             x = x.view(b * n, m, c, h * w)
             perm = self._perms[rotations.view(-1).to(self.device)]  # [B*N, H*W]
