@@ -1,5 +1,5 @@
 """Neural Statistician (methods spec section 4): the networks, the ELBO, the KL classifier, sampling,
-the method through the trainer (torchrun included), and a learning check."""
+the method through the trainer (torchrun included), `mamlpp sample`, and a learning check."""
 import json
 
 import pytest
@@ -264,6 +264,27 @@ def omniglot_env(monkeypatch, shared_data_root, data_cache_dir, omniglot_set):
 SMALL = ["model.filters=4", "method.c_dim=8", "method.z_dim=4", "method.hidden=16", "data.train_ways=6",
          "train.eval_tasks=10", "train.eval_chunk=5", "train.iters_per_epoch=3", "train.epochs=2", "train.top_k=2",
          "train.device=cpu", "train.tensorboard=false"]
+
+
+def test_mamlpp_sample_writes_a_grid_of_sets_and_samples(tmp_path, omniglot_env, capsys):
+    from mamlpp.rundir import RunDir
+    from mamlpp.sample import grid_size
+
+    run, png = tmp_path / "run", tmp_path / "samples.png"
+    assert main(["train", "omniglot-5w1s-statistician", *SMALL, "--out", str(run), "--no-progress", "--no-test"]) == 0
+    assert main(["sample", str(run), "--out", str(png), "--sets", "7", "--shots", "3", "--samples", "4",
+                 "--scale", "2"]) == 0
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(png) as picture:
+        assert picture.size == grid_size(7, 3 + 1 + 4, 28, 2) == ((2 + 8 * 30) * 2, (2 + 7 * 30) * 2)
+        assert picture.mode == "L" and len(np.unique(np.asarray(picture))) > 2  # generated greys beside binary sets
+    maml = RunDir(tmp_path / "maml")
+    maml.prepare_new()
+    maml.write_config(get_preset("omniglot-5w1s-maml"))
+    assert main(["sample", str(maml), "--out", str(tmp_path / "maml.png")]) == 2  # one line: not a generative model
+    assert "is not a generative model" in capsys.readouterr().err
 
 
 def test_two_processes_match_one(tmp_path, omniglot_env):
