@@ -4,8 +4,8 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "mamlpp"
 # Layers, top to bottom. A module may import its own layer's modules and those below, never above.
-TOP = {"mamlpp", "mamlpp.api", "mamlpp.cli", "mamlpp.__main__", "mamlpp.bench", "mamlpp.report", "mamlpp.sweep",
-       "mamlpp.data.cli"}
+TOP = {"mamlpp", "mamlpp.api", "mamlpp.cli", "mamlpp.__main__", "mamlpp.bench", "mamlpp.report", "mamlpp.sample",
+       "mamlpp.sweep", "mamlpp.data.cli"}
 RUN = {"mamlpp.experiment", "mamlpp.evaluation", "mamlpp.trainer"}
 
 

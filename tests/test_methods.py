@@ -215,6 +215,8 @@ class NearestMean(Method):
     ("protonet", ["data.train_ways=4", "model.filters=4"]),
     ("matchingnet", ["method.fce=true", "model.filters=4", "data.train_queries=2"]),  # FCE shuffles with the RNG
     ("metalstm", ["model.filters=4", "model.bnrs=false", "inner.steps=2", "inner.eval_steps=2"]),
+    ("statistician", ["model.filters=2", "method.c_dim=3", "method.z_dim=2", "method.hidden=4",  # samples with it
+                      "data.train_ways=3", "data.train_queries=2"]),
 ])
 def test_methods_train_evaluate_and_resume_exactly(method, extra, tmp_path):
     from mamlpp.bench import SyntheticTasks

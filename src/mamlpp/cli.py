@@ -117,11 +117,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", default=None)
     p.set_defaults(func=cmd_eval)
 
-    from . import bench, report, sweep
+    from . import bench, report, sample, sweep
     from .data import cli as data_cli
 
     bench.register(sub)
     report.register(sub)
+    sample.register(sub)
     sweep.register(sub)
     data_cli.register(sub, resolve_data_config)
     return parser

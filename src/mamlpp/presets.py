@@ -430,3 +430,26 @@ for _prefix, (_dataset, _title) in FEWSHOT_SETS.items():
         register(f"{_prefix}-5w{_shots}s-protonet",
                  f"{_title} 5-way {_shots}-shot, {_TEXT['protonet']}, its Mini-ImageNet setup",
                  fewshot_set(_dataset, _shots), ALGORITHMS["protonet"], approach=_LABEL["protonet"])
+
+def statistician(cfg: Config) -> None:
+    """Neural Statistician (spec 4.3/4.4; conormdurkan's omnirun.py where the paper is silent): each class
+    of a 32-way training episode is one set of K + T same-class images (5 for 1-shot; 6 for 5-shot, since
+    a class needs a query), so an update sees 32 sets as conormdurkan's batches do; Adam 1e-3, gradients
+    clamped to +/-0.5, loss weight w = 1 + 0.5^epoch; 180 epochs of 500 updates = 90,000 updates
+    (conormdurkan: 300 epochs of 300 batches). Batch norm over the episode in training, running
+    statistics at test (evaluation mode)."""
+    cfg.set_method("statistician")
+    cfg.model.filters = 64  # encoder widths 64 / 128 / 256
+    cfg.model.bnwb, cfg.model.bnrs, cfg.model.bn_eval = False, True, "running"
+    cfg.inner.lr_mode, cfg.outer.msl, cfg.outer.ca, cfg.inner.da_epochs = "fixed", False, False, -1
+    cfg.data.train_ways, cfg.data.train_queries = 32, max(1, 5 - cfg.data.shots)
+    cfg.outer.meta_batch, cfg.outer.lr, cfg.outer.task_reduction, cfg.outer.grad_clamp = 1, 1e-3, "mean", 0.5
+    cfg.train.epochs, cfg.train.iters_per_epoch = 180, 500
+
+
+ALGORITHMS["statistician"] = statistician
+for _ways in (5, 20):
+    for _shots in (1, 5):
+        register(f"omniglot-{_ways}w{_shots}s-statistician",
+                 f"Omniglot {_ways}-way {_shots}-shot, Neural Statistician (context-KL classifier), its paper's setup",
+                 omniglot(_ways, _shots, False), statistician, approach="Neural Statistician")
