@@ -4,12 +4,13 @@ maml         MAML, MAML++ (MSL, DA, BNRS, BNWB, LSLR, CA) and Meta-SGD (maml.py)
 protonet     Prototypical Networks (protonet.py)
 matchingnet  Matching Networks, with or without Full Context Embeddings (matchingnet.py)
 metalstm     the Meta-LSTM learner of Ravi & Larochelle (metalstm.py)
+metanet      Meta Networks of Munkhdalai & Yu (metanet.py)
 
 To add a method: a new module with a `Method` subclass decorated `@METHODS.register("name")`,
 imported below (or by your own code before the config is built). The trainer does not change.
 """
 from ..config import METHODS
-from . import maml, matchingnet, metalstm, protonet  # noqa: F401  (registration)
+from . import maml, matchingnet, metalstm, metanet, protonet  # noqa: F401  (registration)
 from .base import Method, Params, flatten, leaves
 
 
