@@ -215,6 +215,7 @@ class NearestMean(Method):
     ("protonet", ["data.train_ways=4", "model.filters=4"]),
     ("matchingnet", ["method.fce=true", "model.filters=4", "data.train_queries=2"]),  # FCE shuffles with the RNG
     ("metalstm", ["model.filters=4", "model.bnrs=false", "inner.steps=2", "inner.eval_steps=2"]),
+    ("metanet", ["model.filters=4", "model.bnrs=false", "model.bnwb=false", "method.hidden=4"]),
 ])
 def test_methods_train_evaluate_and_resume_exactly(method, extra, tmp_path):
     from mamlpp.bench import SyntheticTasks
