@@ -175,8 +175,10 @@ def test_presets_follow_the_published_setup():
     assert PRESETS["omniglot-5w1s-metanet"].approach == "Meta-Networks"
 
 
-# 5-way 1-shot, chance 20%: 300 tasks (one per update) at 16 filters, 100 test tasks (95% CI about +/- 4
-# points). See the measured value in the bar's comment below and docs/methods.md.
+# 5-way 1-shot, chance 20%: 300 tasks (one per update, the preset's Adam 1e-3, clip 10, 10 queries per class)
+# at 16 filters, 100 test tasks (95% CI about +/- 5 points). Measured 53.4% (training accuracy near chance for
+# the first ~200 tasks, then rising fast); the bar (40%) sits far above chance and below what it reached.
+# Published (full schedule, 64 filters): 98.95% 5-way, 97.00% 20-way.
 def test_metanet_learns_omniglot(tmp_path, monkeypatch, shared_data_root, data_cache_dir, omniglot_set):
     monkeypatch.setenv("MAMLPP_DATA", str(shared_data_root))
     monkeypatch.setenv("MAMLPP_CACHE", str(data_cache_dir))
@@ -185,7 +187,4 @@ def test_metanet_learns_omniglot(tmp_path, monkeypatch, shared_data_root, data_c
                  "train.eval_tasks=100", "train.top_k=1", "train.tensorboard=false", "train.device=cpu",
                  "--out", str(out), "--no-progress"]) == 0
     result = json.loads((out / "test.json").read_text())
-    assert result["accuracy"] > BAR, result
-
-
-BAR = 0.30
+    assert result["accuracy"] > 0.40, result
