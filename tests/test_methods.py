@@ -217,6 +217,7 @@ class NearestMean(Method):
     ("metalstm", ["model.filters=4", "model.bnrs=false", "inner.steps=2", "inner.eval_steps=2"]),
     ("statistician", ["model.filters=2", "method.c_dim=3", "method.z_dim=2", "method.hidden=4",  # samples with it
                       "data.train_ways=3", "data.train_queries=2"]),
+    ("metanet", ["model.filters=4", "model.bnrs=false", "model.bnwb=false", "method.hidden=4"]),
 ])
 def test_methods_train_evaluate_and_resume_exactly(method, extra, tmp_path):
     from mamlpp.bench import SyntheticTasks

@@ -206,6 +206,24 @@ def metalstm(cfg: Config) -> None:
     cfg.train.iters_per_epoch, cfg.train.epochs = 1000, 75 if one_shot else 50
 
 
+def metanet(cfg: Config) -> None:
+    """Meta Networks (spec 6.7-6.8): b and u of 5 conv blocks (no bias, no batch norm, ReLU, 2x2 max-pool
+    with ceil rounding) and fc1, fc2, every layer fast-parameterised; 64 filters Omniglot, 32 Mini-ImageNet;
+    support chunks T = 5 (Omniglot) / 10 (Mini-ImageNet); training queries 10 / 15 per class; the query
+    losses summed; Adam 1e-3 with the gradient's global norm clipped at 10; one task per update;
+    100,000 training tasks ([adapt], the paper gives no count)."""
+    omniglot = cfg.data.dataset == "omniglot"
+    cfg.set_method("metanet")
+    cfg.method.chunks = 5 if omniglot else 10
+    cfg.model.filters, cfg.model.stages, cfg.model.activation, cfg.model.pooling = (64 if omniglot else 32), 5, "relu", "max"
+    cfg.model.bnwb, cfg.model.bnrs, cfg.model.bn_eval = False, False, "batch"
+    cfg.inner.lr_mode, cfg.inner.da_epochs, cfg.outer.msl, cfg.outer.ca = "fixed", -1, False, False
+    cfg.outer.meta_batch, cfg.outer.lr, cfg.outer.task_reduction = 1, 1e-3, "sum"
+    cfg.outer.grad_clamp, cfg.outer.grad_norm_clip = None, 10.0
+    cfg.data.train_queries = 10 if omniglot else 15
+    cfg.train.iters_per_epoch, cfg.train.epochs = 500, 200
+
+
 ALGORITHMS: dict[str, Callable[[Config], None]] = {
     "maml": maml,
     "mamlpp": mamlpp,
@@ -218,6 +236,7 @@ ALGORITHMS: dict[str, Callable[[Config], None]] = {
     "protonet": protonet,
     "matchingnet": matchingnet,
     "metalstm": metalstm,
+    "metanet": metanet,
 }
 
 
@@ -345,9 +364,11 @@ register("sinusoid-maml", "MAML on sinusoid regression (MAML paper 5.1), K=10, n
          approach="MAML")
 
 _LABEL = {"maml": "MAML", "mamlpp": "MAML++", "metasgd": "Meta-SGD", "protonet": "Prototypical Networks",
-          "matchingnet": "Matching Nets", "metalstm": "Meta-LSTM"}
+          "matchingnet": "Matching Nets", "metalstm": "Meta-LSTM",
+          "metanet": "Meta-Networks"}
 _TEXT = {"maml": "MAML baseline", "mamlpp": "MAML++ (all six fixes)", "metasgd": "Meta-SGD",
-         "protonet": "Prototypical Networks", "matchingnet": "Matching Networks", "metalstm": "the Meta-LSTM learner"}
+         "protonet": "Prototypical Networks", "matchingnet": "Matching Networks", "metalstm": "the Meta-LSTM learner",
+         "metanet": "Meta Networks"}
 for _suffix in ("", "-reference"):
     _ref = bool(_suffix)
     _what = "reference-code HEAD config" if _ref else "paper-era config"
@@ -392,6 +413,12 @@ for _method in ("protonet", "matchingnet", "metasgd", "metalstm"):
     for _shots in (1, 5):
         register(f"mini-5w{_shots}s-{_method}", f"Mini-ImageNet 5-way {_shots}-shot, {_TEXT[_method]}, its paper's setup",
                  mini_imagenet(_shots, False), ALGORITHMS[_method], approach=_LABEL[_method])
+# Meta Networks: 1-shot only, as published (no 5-shot results; loss_emb for K > 1 is a contrastive loss).
+for _ways in (5, 20):
+    register(f"omniglot-{_ways}w1s-metanet", f"Omniglot {_ways}-way 1-shot, {_TEXT['metanet']}, its paper's setup",
+             omniglot(_ways, 1, False), ALGORITHMS["metanet"], approach=_LABEL["metanet"])
+register("mini-5w1s-metanet", f"Mini-ImageNet 5-way 1-shot, {_TEXT['metanet']}, its paper's setup (5-way training)",
+         mini_imagenet(1, False), ALGORITHMS["metanet"], approach=_LABEL["metanet"])
 
 # ---- the few-shot sets most papers since 2019 also report (CIFAR-FS, FC100, tieredImageNet, CUB) --------
 # No paper tuned MAML++ on these sets, so their data halves take Mini-ImageNet's paper-era settings
