@@ -77,6 +77,20 @@ class Method:
         raise NotImplementedError
 
 
+def task_uniforms(shard: Shard, tasks: int, width: int, like: torch.Tensor) -> torch.Tensor:
+    """U[0, 1) numbers [tasks, width] for the local tasks of a meta-batch, `width` per task, from
+    the global generator (saved in every checkpoint, so resume is exact) on like's device and dtype.
+
+    The draw is made for the whole meta-batch (shard.total tasks) and this process's rows are kept,
+    so under torchrun every task gets the numbers it gets in one process. On the CPU the generator
+    fills rows in order, so a meta-batch split into chunks also draws the same numbers per task.
+    Methods that sample within an episode (pairs, distortions, dropout) take their randomness here.
+    """
+    total = shard.total or tasks
+    u = torch.rand(total, width, device=like.device, dtype=like.dtype)
+    return u[shard.offset: shard.offset + tasks]
+
+
 def flatten(params: Params) -> dict[str, torch.Tensor]:
     """{'net': {'conv0.weight': t}, 'lr': {...}} -> {'net.conv0.weight': t, 'lr.conv0.weight': ...}"""
     return {f"{group}.{name}": t for group, tree in params.items() for name, t in tree.items()}
