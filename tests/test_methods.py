@@ -214,6 +214,7 @@ class NearestMean(Method):
     ("test-nearest-mean", ["model.hidden=16"]),  # defined in this file: no library change
     ("protonet", ["data.train_ways=4", "model.filters=4"]),
     ("matchingnet", ["method.fce=true", "model.filters=4", "data.train_queries=2"]),  # FCE shuffles with the RNG
+    ("siamese", ["method.pairs=4", "method.distort=true", "model.filters=4"]),  # pairs and distortions: the RNG
 ])
 def test_methods_train_evaluate_and_resume_exactly(method, extra, tmp_path):
     from mamlpp.bench import SyntheticTasks

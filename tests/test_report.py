@@ -208,12 +208,15 @@ def test_register_adds_the_report_subcommand(tmp_path, sinusoid_runs, capsys, mo
 def test_comparison_rows_for_every_method_and_published_only_rows(tmp_path):
     dirs = [fake_run(tmp_path / f"p{s}", "omniglot-20w1s-protonet", s, a) for s, a in enumerate([0.95, 0.96])]
     dirs += [fake_run(tmp_path / "m0", "mini-5w1s-matchingnet", 0, 0.44)]
+    dirs += [fake_run(tmp_path / "s0", "omniglot-20w1s-siamese", 0, 0.88)]
     md = Path(report.make_report(dirs, str(tmp_path / "out"))["report"]).read_text()
     omniglot = section(md, "Omniglot")
     proto = row(omniglot, "Prototypical Networks")
     assert proto[5] == cell([95.0, 96.0]) and proto[6].startswith("96 [") and proto[1] == "–"
-    siamese = row(omniglot, "Siamese Nets †")  # published only: marked, never measured
-    assert siamese[5] == "–" and siamese[6].startswith("88.2") and "Published number only" in omniglot
+    metanet = row(omniglot, "Meta-Networks †")  # published only: marked, never measured
+    assert metanet[5] == "–" and metanet[6].startswith("97") and "Published number only" in omniglot
+    siamese = row(omniglot, "Siamese Nets")  # a method of mamlpp: measured beside the published number
+    assert siamese[5] == "88.00 (1 run)" and siamese[6].startswith("88.2") and siamese[1] == "–"
     assert row(omniglot, "Meta-SGD")[6].startswith("95.93 ± 0.38") and row(omniglot, "Matching Nets")[5] == "–"
     mini = section(md, "Mini-ImageNet 5-way")
     matching = row(mini, "Matching Nets")

@@ -371,3 +371,29 @@ for _method in ("protonet", "matchingnet", "metasgd"):
     for _shots in (1, 5):
         register(f"mini-5w{_shots}s-{_method}", f"Mini-ImageNet 5-way {_shots}-shot, {_TEXT[_method]}, its paper's setup",
                  mini_imagenet(_shots, False), ALGORITHMS[_method], approach=_LABEL[_method])
+
+
+# ---- Siamese Networks, on the same data, episodes and test tasks -----------------------------------
+def siamese(cfg: Config) -> None:
+    """Siamese Networks (spec 2; the [adapt] setup of 2.8 and 11.4): the Conv4 tower (the paper's own is
+    model.arch=koch data.image_size=105), 128 balanced pairs per update drawn from one training episode
+    of 128 images (32 classes x 4 at 1 shot, 16 x 8 at 5 shots), Koch's affine distortions, Adam 1e-3
+    decayed 1% per epoch as Koch's rate, 200 epochs of 500 updates (12.8M pairs), selection on the
+    validation tasks' one-shot accuracy."""
+    cfg.set_method("siamese")
+    _metric(cfg)
+    cfg.method.distort = True
+    cfg.data.train_ways, cfg.data.train_queries = (32 if cfg.data.shots == 1 else 16), 3
+    cfg.outer.lr_step_epochs, cfg.outer.lr_step_gamma = 1, 0.99
+    cfg.train.epochs = 200
+
+
+ALGORITHMS.update(siamese=siamese)
+_LABEL.update(siamese="Siamese Nets")
+_TEXT.update(siamese="Siamese Networks")
+for _method in ("siamese",):
+    for _ways in (5, 20):
+        for _shots in (1, 5):
+            register(f"omniglot-{_ways}w{_shots}s-{_method}",
+                     f"Omniglot {_ways}-way {_shots}-shot, {_TEXT[_method]}, its paper's setup",
+                     omniglot(_ways, _shots, False), ALGORITHMS[_method], approach=_LABEL[_method])
