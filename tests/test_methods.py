@@ -215,6 +215,7 @@ class NearestMean(Method):
     ("protonet", ["data.train_ways=4", "model.filters=4"]),
     ("matchingnet", ["method.fce=true", "model.filters=4", "data.train_queries=2"]),  # FCE shuffles with the RNG
     ("siamese", ["method.pairs=4", "method.distort=true", "model.filters=4"]),  # pairs and distortions: the RNG
+    ("memory", ["model.filters=4", "data.train_queries=2"]),  # dropout and age noise: the RNG
 ])
 def test_methods_train_evaluate_and_resume_exactly(method, extra, tmp_path):
     from mamlpp.bench import SyntheticTasks

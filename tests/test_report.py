@@ -217,6 +217,7 @@ def test_comparison_rows_for_every_method_and_published_only_rows(tmp_path):
     assert metanet[5] == "–" and metanet[6].startswith("97") and "Published number only" in omniglot
     siamese = row(omniglot, "Siamese Nets")  # a method of mamlpp: measured beside the published number
     assert siamese[5] == "88.00 (1 run)" and siamese[6].startswith("88.2") and siamese[1] == "–"
+    assert row(omniglot, "Memory Module")[5] == "–" and row(omniglot, "Memory Module")[6].startswith("95")
     assert row(omniglot, "Meta-SGD")[6].startswith("95.93 ± 0.38") and row(omniglot, "Matching Nets")[5] == "–"
     mini = section(md, "Mini-ImageNet 5-way")
     matching = row(mini, "Matching Nets")

@@ -4,12 +4,13 @@ maml         MAML, MAML++ (MSL, DA, BNRS, BNWB, LSLR, CA) and Meta-SGD (maml.py)
 protonet     Prototypical Networks (protonet.py)
 matchingnet  Matching Networks, with or without Full Context Embeddings (matchingnet.py)
 siamese      Siamese Networks: pairs, weighted L1 distance, sigmoid (siamese.py)
+memory       the Memory Module: key/value/age memory, margin loss, update rule (memory.py)
 
 To add a method: a new module with a `Method` subclass decorated `@METHODS.register("name")`,
 imported below (or by your own code before the config is built). The trainer does not change.
 """
 from ..config import METHODS
-from . import maml, matchingnet, protonet, siamese  # noqa: F401  (registration)
+from . import maml, matchingnet, memory, protonet, siamese  # noqa: F401  (registration)
 from .base import Method, Params, flatten, leaves
 
 
