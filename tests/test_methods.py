@@ -218,6 +218,8 @@ class NearestMean(Method):
     ("statistician", ["model.filters=2", "method.c_dim=3", "method.z_dim=2", "method.hidden=4",  # samples with it
                       "data.train_ways=3", "data.train_queries=2"]),
     ("metanet", ["model.filters=4", "model.bnrs=false", "model.bnwb=false", "method.hidden=4"]),
+    ("siamese", ["method.pairs=4", "method.distort=true", "model.filters=4"]),  # pairs and distortions: the RNG
+    ("memory", ["model.filters=4", "data.train_queries=2"]),  # dropout and age noise: the RNG
 ])
 def test_methods_train_evaluate_and_resume_exactly(method, extra, tmp_path):
     from mamlpp.bench import SyntheticTasks

@@ -205,20 +205,33 @@ def test_register_adds_the_report_subcommand(tmp_path, sinusoid_runs, capsys, mo
         parser.parse_args(["report"])  # at least one RUN_DIR
 
 
-def test_comparison_rows_for_every_method_and_published_only_rows(tmp_path):
+def test_comparison_rows_for_every_method_and_published_only_rows(tmp_path, monkeypatch):
+    from mamlpp import presets
+
+    # Every row of the paper's tables is a method now; a published-only row is marked, never measured.
+    monkeypatch.setitem(presets.PUBLISHED, ("Some Method", "omniglot", 20, 1, None),
+                        presets.PaperResult(90.5, None, "a test's source"))
+    monkeypatch.setattr(report, "APPROACH_ORDER", report.APPROACH_ORDER + ["Some Method"])
     dirs = [fake_run(tmp_path / f"p{s}", "omniglot-20w1s-protonet", s, a) for s, a in enumerate([0.95, 0.96])]
     dirs += [fake_run(tmp_path / "m0", "mini-5w1s-matchingnet", 0, 0.44)]
+    dirs += [fake_run(tmp_path / "s0", "omniglot-20w1s-siamese", 0, 0.88)]
     md = Path(report.make_report(dirs, str(tmp_path / "out"))["report"]).read_text()
     omniglot = section(md, "Omniglot")
     proto = row(omniglot, "Prototypical Networks")
     assert proto[5] == cell([95.0, 96.0]) and proto[6].startswith("96 [") and proto[1] == "–"
-    siamese = row(omniglot, "Siamese Nets †")  # published only: marked, never measured
-    assert siamese[5] == "–" and siamese[6].startswith("88.2") and "Published number only" in omniglot
+    other = row(omniglot, "Some Method †")
+    assert other[5] == "–" and other[6].startswith("90.5") and "Published number only" in omniglot
+    assert omniglot.count("†") == 2  # that row and its note: every paper row is measured here
+    siamese = row(omniglot, "Siamese Nets")  # a method of mamlpp: measured beside the published number
+    assert siamese[5] == "88.00 (1 run)" and siamese[6].startswith("88.2") and siamese[1] == "–"
+    assert row(omniglot, "Memory Module")[5] == "–" and row(omniglot, "Memory Module")[6].startswith("95")
+    assert row(omniglot, "Meta-Networks")[6].startswith("97") and row(omniglot, "Neural Statistician")[6].startswith("93.2")
     assert row(omniglot, "Meta-SGD")[6].startswith("95.93 ± 0.38") and row(omniglot, "Matching Nets")[5] == "–"
     mini = section(md, "Mini-ImageNet 5-way")
     matching = row(mini, "Matching Nets")
     assert matching[1] == "–" and matching[2] == "44.00 (1 run)" and matching[3].startswith("43.56 ± 0.84")
-    assert row(mini, "Meta-Networks")[3].startswith("49.21") and row(mini, "Meta-SGD")[1] == "1"  # a method now
+    assert row(mini, "Meta-Networks")[3].startswith("49.21") and row(mini, "Meta-SGD")[1] == "1"
+    assert row(mini, "Meta-LSTM")[3].startswith("43.44 ± 0.77")
 
 
 def test_stability_figure_overlays_the_strided_seeds(tmp_path):

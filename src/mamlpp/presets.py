@@ -480,3 +480,43 @@ for _ways in (5, 20):
         register(f"omniglot-{_ways}w{_shots}s-statistician",
                  f"Omniglot {_ways}-way {_shots}-shot, Neural Statistician (context-KL classifier), its paper's setup",
                  omniglot(_ways, _shots, False), statistician, approach="Neural Statistician")
+
+
+# ---- Siamese Networks and the Memory Module, on the same data, episodes and test tasks ----------------
+def siamese(cfg: Config) -> None:
+    """Siamese Networks (spec 2; the [adapt] setup of 2.8 and 11.4): the Conv4 tower (the paper's own is
+    model.arch=koch data.image_size=105), 128 balanced pairs per update drawn from one training episode
+    of 128 images (32 classes x 4 at 1 shot, 16 x 8 at 5 shots), Koch's affine distortions, Adam 1e-3
+    decayed 1% per epoch as Koch's rate, 200 epochs of 500 updates (12.8M pairs), selection on the
+    validation tasks' one-shot accuracy."""
+    cfg.set_method("siamese")
+    _metric(cfg)
+    cfg.method.distort = True
+    cfg.data.train_ways, cfg.data.train_queries = (32 if cfg.data.shots == 1 else 16), 3
+    cfg.outer.lr_step_epochs, cfg.outer.lr_step_gamma = 1, 0.99
+    cfg.train.epochs = 200
+
+
+def memory(cfg: Config) -> None:
+    """The Memory Module (spec 5.5, the published code's Omniglot setup): its LeNet embedder (128-d keys),
+    16 episodes of 5 classes x 6 images per update (training episodes stay 5-way whatever the test way),
+    one memory per episode with a slot per image, choose_k 256, margin 0.1, age noise 8, dropout keep 0.3,
+    100,000 batches of episodes (200 epochs of 500). One Adam step per batch at 1e-3: the code takes one
+    at 1e-4 after each of an episode's 30 steps (docs/methods.md)."""
+    cfg.set_method("memory")
+    _metric(cfg)
+    cfg.model.arch = "lenet"
+    cfg.data.train_ways, cfg.data.train_queries = 5, max(1, 6 - cfg.data.shots)
+    cfg.outer.meta_batch = 16
+    cfg.train.epochs = 200
+
+
+ALGORITHMS.update(siamese=siamese, memory=memory)
+_LABEL.update(siamese="Siamese Nets", memory="Memory Module")
+_TEXT.update(siamese="Siamese Networks", memory="Memory Module")
+for _method in ("siamese", "memory"):
+    for _ways in (5, 20):
+        for _shots in (1, 5):
+            register(f"omniglot-{_ways}w{_shots}s-{_method}",
+                     f"Omniglot {_ways}-way {_shots}-shot, {_TEXT[_method]}, its paper's setup",
+                     omniglot(_ways, _shots, False), ALGORITHMS[_method], approach=_LABEL[_method])

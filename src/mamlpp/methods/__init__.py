@@ -6,12 +6,14 @@ matchingnet  Matching Networks, with or without Full Context Embeddings (matchin
 metalstm     the Meta-LSTM learner of Ravi & Larochelle (metalstm.py)
 statistician Neural Statistician: a generative model of sets, few-shot by context KL (statistician.py)
 metanet      Meta Networks of Munkhdalai & Yu (metanet.py)
+siamese      Siamese Networks: pairs, weighted L1 distance, sigmoid (siamese.py)
+memory       the Memory Module: key/value/age memory, margin loss, update rule (memory.py)
 
 To add a method: a new module with a `Method` subclass decorated `@METHODS.register("name")`,
 imported below (or by your own code before the config is built). The trainer does not change.
 """
 from ..config import METHODS
-from . import maml, matchingnet, metalstm, metanet, protonet, statistician  # noqa: F401  (registration)
+from . import maml, matchingnet, memory, metalstm, metanet, protonet, siamese, statistician  # noqa: F401  (registration)
 from .base import Method, Params, flatten, leaves
 
 

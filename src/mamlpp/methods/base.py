@@ -85,7 +85,6 @@ class Method:
         unnormalised log-probabilities, which the test protocol averages over checkpoints."""
         raise NotImplementedError
 
-
     # ---- optional: adaptation apart from prediction (the Python API's Learner.adapt / Learner.predict) ----
     def adapt(self, params: Params, state: Tree, xs: torch.Tensor, ys: torch.Tensor) -> Tree:
         """What a task keeps of its support set xs [B, N*K, ...], ys [B, N*K]: fast weights, embeddings."""
@@ -94,6 +93,20 @@ class Method:
     def apply(self, params: Params, state: Tree, fast: Tree, xq: torch.Tensor) -> torch.Tensor:
         """Logits [B, n, ...] of queries xq [B, n, ...] given what `adapt` returned."""
         raise NotImplementedError(f"method.name={self.name} does not separate adaptation from prediction")
+
+
+def task_uniforms(shard: Shard, tasks: int, width: int, like: torch.Tensor) -> torch.Tensor:
+    """U[0, 1) numbers [tasks, width] for the local tasks of a meta-batch, `width` per task, from
+    the global generator (saved in every checkpoint, so resume is exact) on like's device and dtype.
+
+    The draw is made for the whole meta-batch (shard.total tasks) and this process's rows are kept,
+    so under torchrun every task gets the numbers it gets in one process. On the CPU the generator
+    fills rows in order, so a meta-batch split into chunks also draws the same numbers per task.
+    Methods that sample within an episode (pairs, distortions, dropout) take their randomness here.
+    """
+    total = shard.total or tasks
+    u = torch.rand(total, width, device=like.device, dtype=like.dtype)
+    return u[shard.offset: shard.offset + tasks]
 
 
 def flatten(params: Params) -> dict[str, torch.Tensor]:

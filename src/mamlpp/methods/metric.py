@@ -41,13 +41,16 @@ class MetricMethod(Method):
         params.update(self.init_head(generator, dtype, device))
         return leaves(params), state
 
+    def features(self, params, state, x: torch.Tensor, training: bool):
+        """Embeddings of images x [B, n, ...] in one pass per task -> ([B, n, d], BN statistics)."""
+        net = {k: v.expand(x.shape[0], *v.shape) for k, v in params["net"].items()}  # shared by the tasks
+        use_running = not training and self.cfg.model.bn_eval == "running"
+        return self.backbone.forward(net, params["bn"], state, x, 0, use_running, training and bool(state))
+
     def embed(self, params, state, episodes: dict, training: bool):
         """(support [B, ns, d], query [B, nq, d], BN statistics of the pass)."""
         xs, xq = episodes["xs"], episodes["xq"]
-        x = torch.cat([xs, xq], 1)
-        net = {k: v.expand(x.shape[0], *v.shape) for k, v in params["net"].items()}  # shared by the tasks
-        use_running = not training and self.cfg.model.bn_eval == "running"
-        feats, stats = self.backbone.forward(net, params["bn"], state, x, 0, use_running, training and bool(state))
+        feats, stats = self.features(params, state, torch.cat([xs, xq], 1), training)
         return feats[:, : xs.shape[1]], feats[:, xs.shape[1]:], stats
 
     def adapt(self, params, state, xs, ys):
