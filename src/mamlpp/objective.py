@@ -43,7 +43,7 @@ def adapt_and_score(model, params: dict[str, Tree], state: Tree, episodes: dict,
     slots = cfg.inner.steps
 
     def forward(fast, bn, x, slot, running, stats):
-        return model.forward(fast, bn, state, x, slot, running, stats)
+        return model.forward(fast, bn, state, x, slot, running, stats, training=training)
 
     def loss_fn(out, y):
         return task_losses(kind, out, y)

@@ -47,7 +47,8 @@ class MetricMethod(Method):
         x = torch.cat([xs, xq], 1)
         net = {k: v.expand(x.shape[0], *v.shape) for k, v in params["net"].items()}  # shared by the tasks
         use_running = not training and self.cfg.model.bn_eval == "running"
-        feats, stats = self.backbone.forward(net, params["bn"], state, x, 0, use_running, training and bool(state))
+        feats, stats = self.backbone.forward(net, params["bn"], state, x, 0, use_running, training and bool(state),
+                                             training=training)
         return feats[:, : xs.shape[1]], feats[:, xs.shape[1]:], stats
 
     def _scores(self, params, state, episodes, training: bool):
