@@ -149,6 +149,10 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["float32", "float64"] = "float32"
     impl: Literal["parallel", "loop"] = "parallel"  # 'loop': the per-task oracle, for tests/bench
+    # Gradient checkpointing of MAML's inner loop: the meta-backward recomputes each inner step's
+    # and each query pass's activations instead of keeping them (objective.py). Same gradients, less
+    # memory, more time (BENCHMARKS.md).
+    checkpoint_inner: bool = False
     # Tasks per forward/backward pass. Smaller chunks keep one chunk's graph alive at a time: less
     # memory, the same gradients (single process). 0: auto, the whole meta-batch on a GPU; on a CPU
     # passes of about 4M first-layer activations for the conv network (trainer.py).
@@ -214,7 +218,7 @@ SECTIONS = ("data", "model", "inner", "outer", "train", "method")
 # arithmetic is split into passes); runs that differ only here are comparable. Report and sweep
 # both use this list.
 INCIDENTAL_KEYS = frozenset({"data.data_dir", "train.device", "train.tensorboard", "train.log_every",
-                             "train.eval_chunk", "train.chunk", "train.impl"})
+                             "train.eval_chunk", "train.chunk", "train.impl", "train.checkpoint_inner"})
 
 
 def valid_keys(cfg: Config | None = None) -> list[str]:

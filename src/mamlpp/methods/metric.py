@@ -29,7 +29,8 @@ class MetricMethod(Method):
     @classmethod
     def check(cls, cfg: Config, backbone) -> None:
         super().check(cfg, backbone)
-        for key, on in (("model.bnwb", cfg.model.bnwb), ("outer.msl", cfg.outer.msl)):
+        for key, on in (("model.bnwb", cfg.model.bnwb), ("outer.msl", cfg.outer.msl),
+                        ("train.checkpoint_inner", cfg.train.checkpoint_inner)):
             if on:
                 raise ConfigError(f"{key}=true is per inner step; method.name={cls.name} has no inner loop")
 
