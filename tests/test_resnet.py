@@ -10,7 +10,7 @@ from mamlpp.config import BACKBONES, ConfigError, ModelConfig, apply_overrides
 from mamlpp.loop import evaluate_loop, meta_loss_loop
 from mamlpp.methods import build_method, flatten
 from mamlpp.objective import evaluate, meta_loss
-from mamlpp.presets import get_preset
+from mamlpp.presets import PRESETS, get_preset
 from mamlpp.resnet import ResNet12, drop_block
 
 SHAPE = (3, 16, 16)
@@ -199,3 +199,22 @@ def test_config_errors(overrides, message):
     with pytest.raises(ConfigError, match=message):
         apply_overrides(get_preset("mini-5w1s-mamlpp"), overrides)
 
+
+def test_presets_and_registration():
+    assert "resnet12" in BACKBONES
+    for shots in (1, 5):
+        pp = get_preset(f"mini-5w{shots}s-mamlpp-resnet12")
+        base = get_preset(f"mini-5w{shots}s-mamlpp")
+        assert pp.model.arch == "resnet12" and pp.model.widths == (64, 160, 320, 640) and pp.train.checkpoint_inner
+        assert (pp.inner, pp.outer, pp.data) == (base.inner, base.outer, base.data)  # the paper-era MAML++ half
+        proto = get_preset(f"mini-5w{shots}s-protonet-resnet12")
+        assert proto.method.name == "protonet" and proto.model.arch == "resnet12" and proto.model.dropblock == 0.1
+        assert pp.model.dropblock == 0.0 and not proto.train.checkpoint_inner
+        for name in (f"mini-5w{shots}s-mamlpp-resnet12", f"mini-5w{shots}s-protonet-resnet12"):
+            preset = PRESETS[name]  # outside the paper's Conv4 tables, and no published Conv4 number beside it
+            assert preset.flavour == "resnet12" and preset.paper is None and preset.replication is None
+    assert PRESETS["mini-5w1s-mamlpp-resnet12"].approach == "MAML++"
+    from mamlpp.report import _table_presets
+
+    assert not any(name.endswith("-resnet12") for name in _table_presets("mini_imagenet"))
+    assert PRESETS["mini-5w1s-mamlpp"].paper.mean == 52.15
