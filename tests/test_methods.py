@@ -282,7 +282,8 @@ def test_a_backbone_a_method_does_not_accept_is_a_config_error_naming_both():
     class Pixels:
         inputs = "image"
 
-    with pytest.raises(ConfigError, match="method.name=protonet accepts model.arch=conv4, not model.arch=test-pixels"):
+    with pytest.raises(ConfigError,
+                       match="method.name=protonet accepts model.arch=conv4 or resnet12, not model.arch=test-pixels"):
         apply_overrides(get_preset("omniglot-5w1s-protonet"), ["model.arch=test-pixels"])
     with pytest.raises(ConfigError, match="data.dataset=sinusoid gives vector inputs but model.arch=conv4 takes "
                                           "image inputs; use model.arch=mlp"):

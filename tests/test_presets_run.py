@@ -54,6 +54,23 @@ def test_mini_imagenet_presets_on_generated_images(tmp_path, mini_root, monkeypa
         assert (out / "test.json").exists()
 
 
+@pytest.mark.parametrize("preset", ["mini-5w1s-mamlpp-resnet12", "mini-5w1s-protonet-resnet12"])
+def test_resnet12_presets_on_generated_images(preset, tmp_path, mini_root, monkeypatch, data_cache_dir):
+    """ResNet-12 at a tiny width through train, validation and test; MAML++ with its inner loop
+    checkpointed (the preset's setting), Prototypical Networks with DropBlock."""
+    monkeypatch.setenv("MAMLPP_CACHE", str(data_cache_dir))
+    out = tmp_path / preset
+    extra = ["model.widths=4,6,8,8", "data.queries=3", "data.train_queries=3"]
+    extra += ["data.train_ways=6"] if "protonet" in preset else []
+    assert main(["train", preset, *TINY, *extra, "--out", str(out), "--data-dir", str(mini_root), "--no-progress"]) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model"]["arch"] == "resnet12" and cfg["model"]["widths"] == [4, 6, 8, 8]
+    assert cfg["train"]["checkpoint_inner"] == ("mamlpp" in preset)
+    assert cfg["model"]["dropblock"] == (0.0 if "mamlpp" in preset else 0.1)
+    result = json.loads((out / "test.json").read_text())
+    assert result["num_tasks"] == 12 and 0 <= result["accuracy"] <= 1
+
+
 def test_eval_and_report_on_a_classification_run(tmp_path, omniglot_env):
     runs = []
     for seed in (0, 1):

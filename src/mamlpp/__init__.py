@@ -6,7 +6,7 @@ The public API (docs/api.md): `preset`, `train`, `evaluate`, `load`, `task_sourc
 internal and may change.
 """
 from .config import BACKBONES, METHODS, Config, ConfigError, apply_overrides
-from . import network, paper_backbones, methods  # noqa: F401,I001  (register the built-in backbones and methods first)
+from . import network, paper_backbones, resnet, methods  # noqa: F401,I001  (register the built-in backbones and methods first)
 from .api import Learner, evaluate, load, preset, task_source, train
 from .methods import Method
 from .presets import PRESETS, get_preset

@@ -74,9 +74,13 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    arch: str = "conv4"  # a registered backbone (network.py): conv4, mlp
-    filters: int = 64
-    stages: int = 4
+    arch: str = "conv4"  # a registered backbone (network.py, resnet.py): conv4, resnet12, mlp
+    filters: int = 64  # conv4 only
+    stages: int = 4  # conv4 only
+    widths: tuple[int, ...] = (64, 160, 320, 640)  # resnet12 only: channels of each residual block
+    # resnet12 only: DropBlock drop probability in the last two blocks, training passes only (0: off;
+    # MetaOptNet 0.1). Masks come from torch's global generator (seeded by runs, saved in checkpoints).
+    dropblock: float = 0.0
     pooling: Literal["max", "avg", "stride"] = "max"  # 'stride': stride-2 convs, global avg pool
     activation: Literal["leaky_relu", "relu", "tanh"] = "leaky_relu"
     hidden: tuple[int, ...] = (40, 40)  # mlp only
@@ -147,6 +151,10 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["float32", "float64"] = "float32"
     impl: Literal["parallel", "loop"] = "parallel"  # 'loop': the per-task oracle, for tests/bench
+    # Gradient checkpointing of MAML's inner loop: the meta-backward recomputes each inner step's
+    # and each query pass's activations instead of keeping them (objective.py). Same gradients, less
+    # memory, more time (BENCHMARKS.md).
+    checkpoint_inner: bool = False
     # Tasks per forward/backward pass. Smaller chunks keep one chunk's graph alive at a time: less
     # memory, the same gradients (single process). 0: auto, the whole meta-batch on a GPU; on a CPU
     # passes of about 4M first-layer activations for the conv network (trainer.py).
@@ -215,7 +223,7 @@ SECTIONS = ("data", "model", "inner", "outer", "train", "method")
 # arithmetic is split into passes); runs that differ only here are comparable. Report and sweep
 # both use this list.
 INCIDENTAL_KEYS = frozenset({"data.data_dir", "train.device", "train.tensorboard", "train.log_every",
-                             "train.eval_chunk", "train.chunk", "train.impl"})
+                             "train.eval_chunk", "train.chunk", "train.impl", "train.checkpoint_inner"})
 
 
 def valid_keys(cfg: Config | None = None) -> list[str]:
@@ -405,6 +413,11 @@ def validate(cfg: Config) -> None:
     METHODS.get(cfg.method.name).check(cfg, backbone)
     if m.bn_eval == "running" and not m.bnrs:
         raise ConfigError("model.bn_eval=running needs per-step running statistics: set model.bnrs=true")
+    if not 0.0 <= m.dropblock < 1.0:
+        raise ConfigError(f"model.dropblock={m.dropblock}: must be in [0, 1), a drop probability (0: off)")
+    if m.dropblock and m.arch != "resnet12":
+        raise ConfigError(f"model.dropblock={m.dropblock}: DropBlock is part of model.arch=resnet12, "
+                          f"not model.arch={m.arch}")
     if not 0.0 < m.bn_momentum <= 1.0:
         raise ConfigError(f"model.bn_momentum={m.bn_momentum}: must be in (0, 1]")
     for key, value in (("outer.grad_clamp", o.grad_clamp), ("outer.grad_norm_clip", o.grad_norm_clip)):

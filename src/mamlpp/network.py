@@ -5,7 +5,8 @@ provides what `Backbone` below lists; methods build it from the config and call 
 new class (here or in a file of its own that mamlpp imports) plus its registration.
 
 Parameter tree (all plain tensors; nothing is stored in modules):
-  params["net"]  the inner-loop-adapted tensors: conv{i}.weight/bias, linear.weight/bias (or fc{i}.*)
+  params["net"]  the inner-loop-adapted tensors: conv{i}.weight/bias, linear.weight/bias (or fc{i}.*,
+                 or ResNet-12's block{j}.conv{k}.weight, block{j}.shortcut.weight: resnet.py)
   params["bn"]   batch-norm gamma/beta, meta-learned only: (C,) shared, or (S, C) with BNWB
   params["lr"]   inner learning rates (see inner.py), empty for a fixed rate
   state          BNRS running statistics bn{i}.mean / bn{i}.var of shape (S, C), or {}
@@ -49,10 +50,13 @@ class Backbone(Protocol):
         """({"net": adapted tensors, "bn": meta-learned-only tensors}, state such as BN running statistics)."""
 
     def forward(self, net: Tree, bn: Tree, state: Tree, x: torch.Tensor, slot: int,
-                use_running: bool = False, want_stats: bool = False) -> tuple[torch.Tensor, dict]:
+                use_running: bool = False, want_stats: bool = False,
+                training: bool = False) -> tuple[torch.Tensor, dict]:
         """x [B, n, *input_shape], each net tensor with a leading task axis B (a task's own weights,
         or shared ones expanded) -> (outputs or features [B, n, num_outputs or features], BN stats
-        {layer: (mean [B, C], var [B, C])} when want_stats, for update_running_stats)."""
+        {layer: (mean [B, C], var [B, C])} when want_stats, for update_running_stats). `training`
+        says the pass is part of meta-training (ResNet-12's DropBlock acts only then); a backbone
+        without stochastic layers ignores it. Random draws come from torch's global generator."""
 
 
 def xavier_uniform(shape: tuple[int, ...], generator: torch.Generator, dtype, device) -> torch.Tensor:
@@ -183,7 +187,7 @@ class Conv4:
         return {"net": net, "bn": bn}, state
 
     def forward(self, net: Tree, bn: Tree, state: Tree, x: torch.Tensor, slot: int,
-                use_running: bool = False, want_stats: bool = False):
+                use_running: bool = False, want_stats: bool = False, training: bool = False):
         """x [B, n, C, H, W] with per-task weights net[k] [B, ...] -> logits [B, n, N], BN stats."""
         tasks, n = x.shape[:2]
         h = x.transpose(0, 1).reshape(n, tasks * x.shape[2], *x.shape[3:])  # fold tasks into channels
@@ -230,7 +234,7 @@ class MLP:
         return {"net": net, "bn": {}}, {}
 
     def forward(self, net: Tree, bn: Tree, state: Tree, x: torch.Tensor, slot: int,
-                use_running: bool = False, want_stats: bool = False):
+                use_running: bool = False, want_stats: bool = False, training: bool = False):
         layers = len(self.sizes) - 1
         for i in range(layers):
             x = linear(x, net[f"fc{i}.weight"], net[f"fc{i}.bias"])

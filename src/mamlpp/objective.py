@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from .config import Config
 from .distributed import Shard
@@ -36,14 +37,26 @@ def adapt_and_score(model, params: dict[str, Tree], state: Tree, episodes: dict,
 
     BN slot i serves the support pass of step i and the query pass after update i (spec 2.2).
     Returns (weighted query loss per task [B], final query output, BN passes for BNRS).
+
+    With train.checkpoint_inner (training only), activations are recomputed in the meta-backward
+    instead of kept: each query pass is checkpointed, and with second order each whole inner step
+    (support forward, its create_graph gradient and the update), whose double-backward graph is
+    what second-order MAML keeps. torch's non-reentrant checkpoint replays the same operations on
+    the same saved inputs (and the same global RNG state, for DropBlock), so the meta-gradient is
+    the same; the BN statistics returned are the original pass's, the replay's are discarded.
+    First-order steps are not checkpointed: their support graph is freed by the step already.
     """
     xs, ys, xq, yq = episodes["xs"], episodes["ys"], episodes["xq"], episodes["yq"]
     use_running = not training and cfg.model.bn_eval == "running"
     want_stats = training and bool(state)
     slots = cfg.inner.steps
+    recompute = training and cfg.train.checkpoint_inner
 
     def forward(fast, bn, x, slot, running, stats):
-        return model.forward(fast, bn, state, x, slot, running, stats)
+        return model.forward(fast, bn, state, x, slot, running, stats, training=training)
+
+    def maybe_checkpoint(on: bool, fn, *args):
+        return checkpoint(fn, *args, use_reentrant=False) if on else fn(*args)
 
     def loss_fn(out, y):
         return task_losses(kind, out, y)
@@ -56,14 +69,15 @@ def adapt_and_score(model, params: dict[str, Tree], state: Tree, episodes: dict,
         return task_losses(kind, out, yq), out, passes
     for i in range(steps):
         slot = min(i, slots - 1)
-        fast, _, stats = inner_step(forward, fast, params, cfg.inner, slot, (xs, ys), loss_fn,
-                                    create_graph, use_running, want_stats)
+        fast, _, stats = maybe_checkpoint(recompute and create_graph, inner_step, forward, fast, params, cfg.inner,
+                                          slot, (xs, ys), loss_fn, create_graph, use_running, want_stats)
         passes.append((slot, stats))
         if not training:
             fast = {k: v.detach().requires_grad_(True) for k, v in fast.items()}
         if weights[i] != 0.0:
             with torch.set_grad_enabled(training):
-                out, stats = forward(fast, params["bn"], xq, slot, use_running, want_stats)
+                out, stats = maybe_checkpoint(recompute, forward, fast, params["bn"], xq, slot, use_running,
+                                              want_stats)
             passes.append((slot, stats))
             total = total + weights[i] * task_losses(kind, out, yq)
     return total, out, passes

@@ -133,7 +133,7 @@ class Koch:
         return {"net": net, "bn": {}}, {}
 
     def forward(self, net: Tree, bn: Tree, state: Tree, x: torch.Tensor, slot: int,
-                use_running: bool = False, want_stats: bool = False):
+                use_running: bool = False, want_stats: bool = False, training: bool = False):
         """x [B, n, C, H, W] -> sigmoid features [B, n, 4096] (or head outputs), no BN statistics."""
         t = _TaskBatch(net, x)
         for i, (_, _, pool) in enumerate(self.CONVS):
@@ -176,7 +176,7 @@ class LeNet:
         return {"net": net, "bn": {}}, {}
 
     def forward(self, net: Tree, bn: Tree, state: Tree, x: torch.Tensor, slot: int,
-                use_running: bool = False, want_stats: bool = False):
+                use_running: bool = False, want_stats: bool = False, training: bool = False):
         """x [B, n, C, H, W] -> linear features [B, n, 128] (or head outputs), no BN statistics."""
         t = _TaskBatch(net, x)
         for i, (_, pool) in enumerate(self.CONVS):

@@ -3,7 +3,8 @@
 Algorithm halves (`ALGORITHMS`) pick the method and switch the six MAML++ fixes; data halves set
 the per-data-set values of the spec's section 8. Flavours: the unsuffixed name is the *paper*
 flavour (paper-era code, spec 8.5, or the method's own paper); `-reference` is the reference code's
-HEAD configs (spec 8.3/8.4); `-strided` the stability figure's strided network. Each preset records
+HEAD configs (spec 8.3/8.4); `-strided` the stability figure's strided network; `-resnet12` the
+paper-era Mini-ImageNet setups on ResNet-12 (resnet.py) instead of Conv4. Each preset records
 what the report needs to place it (approach, data set, N, K, inner steps, flavour) and the published
 number it is compared with. `mamlpp presets` lists every name; `get_preset(name)` returns a fresh
 Config; `resolve(name, overrides)` applies overrides and train.budget as `mamlpp train` does.
@@ -290,7 +291,8 @@ class Preset:
     description: str
     build: Callable[[], Config]
     approach: str  # the row of the paper's comparison tables: "MAML++", "Matching Nets", "MAML + LSLR", ...
-    flavour: str  # "paper", "reference" (reference-code HEAD), "strided" (the stability figure)
+    # "paper", "reference" (reference-code HEAD), "strided" (the stability figure), "resnet12" (ResNet-12)
+    flavour: str
     dataset: str
     ways: int
     shots: int
@@ -302,12 +304,16 @@ class Preset:
 
     @property
     def paper(self) -> PaperResult | None:
-        """The published number this preset is compared with (none for the strided network)."""
-        return None if self.flavour == "strided" else PUBLISHED.get(self.key)
+        """The published number this preset is compared with (none for the strided network and for
+        ResNet-12: the papers' numbers are Conv4's)."""
+        return None if self.flavour in OTHER_NETWORKS else PUBLISHED.get(self.key)
 
     @property
     def replication(self) -> PaperResult | None:
-        return None if self.flavour == "strided" else REPLICATIONS.get(self.key)
+        return None if self.flavour in OTHER_NETWORKS else REPLICATIONS.get(self.key)
+
+
+OTHER_NETWORKS = ("strided", "resnet12")  # flavours whose network is not the one the published numbers used
 
 
 PRESETS: dict[str, Preset] = {}
@@ -520,3 +526,25 @@ for _method in ("siamese", "memory"):
             register(f"omniglot-{_ways}w{_shots}s-{_method}",
                      f"Omniglot {_ways}-way {_shots}-shot, {_TEXT[_method]}, its paper's setup",
                      omniglot(_ways, _shots, False), ALGORITHMS[_method], approach=_LABEL[_method])
+# ResNet-12 (resnet.py), the backbone of most few-shot results since 2018, with the paper-era
+# Mini-ImageNet halves: MAML++ with its inner loop checkpointed (second-order MAML++ on ResNet-12 is
+# where memory runs out; train.checkpoint_inner=false trades memory back for time, the same gradients),
+# and Prototypical Networks with MetaOptNet's DropBlock 0.1. Flavour "resnet12" keeps them out of the
+# paper's Conv4 tables (the report lists them under other presets).
+def _resnet12(cfg: Config) -> None:
+    cfg.model.arch = "resnet12"
+    if cfg.method.name == "maml":
+        cfg.train.checkpoint_inner = True
+    else:
+        cfg.model.dropblock = 0.1
+
+
+for _shots in (1, 5):
+    register(f"mini-5w{_shots}s-mamlpp-resnet12",
+             f"Mini-ImageNet 5-way {_shots}-shot, {_TEXT['mamlpp']} on ResNet-12, paper-era config, "
+             "inner loop checkpointed", ALGORITHMS["mamlpp"], mini_imagenet(_shots, False),
+             lambda c: _flavour(c, False), _resnet12, approach="MAML++", flavour="resnet12")
+    register(f"mini-5w{_shots}s-protonet-resnet12",
+             f"Mini-ImageNet 5-way {_shots}-shot, {_TEXT['protonet']} on ResNet-12 with DropBlock 0.1",
+             mini_imagenet(_shots, False), ALGORITHMS["protonet"], _resnet12, approach="Prototypical Networks",
+             flavour="resnet12")

@@ -124,8 +124,10 @@ class _Bound:
         return {"net": net, "bn": bn}, state
 
     def forward(self, net: Tree, bn: Tree, state: Tree, x: torch.Tensor, slot: int, use_running: bool = False,
-                want_stats: bool = False) -> tuple[torch.Tensor, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
-        """x [B, n, ...], net tensors [B, ...] -> (outputs [B, n, ...], {layer: (mean [B, C], var [B, C])})."""
+                want_stats: bool = False, training: bool = False,
+                ) -> tuple[torch.Tensor, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+        """x [B, n, ...], net tensors [B, ...] -> (outputs [B, n, ...], {layer: (mean [B, C], var [B, C])}).
+        `training` is unused: the module's own dropout-like layers run in its train()/eval() mode."""
         frozen = {k: v for k, v in bn.items() if k.rsplit(".", 1)[0] not in self.bn_layers}
         self.call = {"bn": bn, "state": state, "slot": slot, "use_running": use_running, "want_stats": want_stats,
                      "stats": {}}

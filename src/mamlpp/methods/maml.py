@@ -37,6 +37,9 @@ class MAML(Method):
         if cfg.data.train_ways not in (0, cfg.data.ways):
             raise ConfigError(f"data.train_ways={cfg.data.train_ways}: MAML's output layer has data.ways="
                               f"{cfg.data.ways} units, so it trains and tests at the same way (leave it 0)")
+        if cfg.train.checkpoint_inner and cfg.train.impl == "loop":
+            raise ConfigError("train.checkpoint_inner=true checkpoints the task-parallel path; the per-task loop "
+                              "(train.impl=loop) is the oracle that keeps its whole graph: use train.impl=parallel")
         lo_hi = cfg.inner.lr_range
         if lo_hi and (cfg.inner.lr_mode != "metasgd" or len(lo_hi) != 2 or not lo_hi[0] <= lo_hi[1]):
             raise ConfigError(f"inner.lr_range={lo_hi}: expected two values lo,hi (lo <= hi) with "

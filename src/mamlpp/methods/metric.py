@@ -29,7 +29,8 @@ class MetricMethod(Method):
     @classmethod
     def check(cls, cfg: Config, backbone) -> None:
         super().check(cfg, backbone)
-        for key, on in (("model.bnwb", cfg.model.bnwb), ("outer.msl", cfg.outer.msl)):
+        for key, on in (("model.bnwb", cfg.model.bnwb), ("outer.msl", cfg.outer.msl),
+                        ("train.checkpoint_inner", cfg.train.checkpoint_inner)):
             if on:
                 raise ConfigError(f"{key}=true is per inner step; method.name={cls.name} has no inner loop")
 
@@ -45,7 +46,8 @@ class MetricMethod(Method):
         """Embeddings of images x [B, n, ...] in one pass per task -> ([B, n, d], BN statistics)."""
         net = {k: v.expand(x.shape[0], *v.shape) for k, v in params["net"].items()}  # shared by the tasks
         use_running = not training and self.cfg.model.bn_eval == "running"
-        return self.backbone.forward(net, params["bn"], state, x, 0, use_running, training and bool(state))
+        return self.backbone.forward(net, params["bn"], state, x, 0, use_running, training and bool(state),
+                                     training=training)
 
     def embed(self, params, state, episodes: dict, training: bool):
         """(support [B, ns, d], query [B, nq, d], BN statistics of the pass)."""

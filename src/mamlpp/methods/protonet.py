@@ -26,7 +26,7 @@ def squared_distance_logits(query: torch.Tensor, centres: torch.Tensor) -> torch
 
 @METHODS.register("protonet")
 class PrototypicalNetworks(MetricMethod):
-    backbones = ("conv4",)
+    backbones = ("conv4", "resnet12")
 
     def log_probs(self, params, support, ys, query, ways, training):
         return squared_distance_logits(query, prototypes(support, ys, ways))
