@@ -153,3 +153,18 @@ def test_running_stats_fold_of_a_user_module_is_the_sequential_one():
     new = update_running_stats(state, [(1, stats)], 0.1)
     assert torch.equal(new["bn0.mean"][0], state["bn0.mean"][0]) and not torch.equal(new["bn0.mean"][1],
                                                                                     state["bn0.mean"][1])
+
+
+@pytest.mark.parametrize("method", ["siamese", "memory", "metanet", "statistician", "metalstm"])
+def test_every_method_adapts_and_predicts_as_it_evaluates(method):
+    """Methods without fast weights of their own keep the support set: adapt + predict is predict."""
+    cfg = tiny_config(f"omniglot-5w1s-{method}" if method != "metanet" else "omniglot-5w1s-metanet",
+                      **{"train.dtype": "float64"})
+    cfg.data.shots, cfg.model.stages = 2, 2
+    one = mamlpp.Learner(cfg, (1, 12, 12), 3, seed=1)
+    eps = episodes(tasks=2)
+    torch.manual_seed(0)
+    expected = one.method.predict(one.params, one.state, eps)["output"]
+    torch.manual_seed(0)
+    logits = one.predict(one.adapt(eps["xs"], eps["ys"]), eps["xq"])
+    assert logits.shape == expected.shape and torch.allclose(logits, expected, rtol=1e-10, atol=1e-12)

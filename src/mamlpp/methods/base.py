@@ -85,14 +85,17 @@ class Method:
         unnormalised log-probabilities, which the test protocol averages over checkpoints."""
         raise NotImplementedError
 
-    # ---- optional: adaptation apart from prediction (the Python API's Learner.adapt / Learner.predict) ----
+    # ---- adaptation apart from prediction (the Python API's Learner.adapt / Learner.predict) ----------
     def adapt(self, params: Params, state: Tree, xs: torch.Tensor, ys: torch.Tensor) -> Tree:
-        """What a task keeps of its support set xs [B, N*K, ...], ys [B, N*K]: fast weights, embeddings."""
-        raise NotImplementedError(f"method.name={self.name} does not separate adaptation from prediction")
+        """What a task keeps of its support set xs [B, N*K, ...], ys [B, N*K]: fast weights, embeddings.
+        By default the support set itself, which `apply` hands to `predict` with the queries."""
+        return {"xs": xs, "ys": ys}
 
     def apply(self, params: Params, state: Tree, fast: Tree, xq: torch.Tensor) -> torch.Tensor:
         """Logits [B, n, ...] of queries xq [B, n, ...] given what `adapt` returned."""
-        raise NotImplementedError(f"method.name={self.name} does not separate adaptation from prediction")
+        labels = torch.zeros(xq.shape[:2], dtype=torch.int64, device=xq.device)  # unused by the output
+        output: torch.Tensor = self.predict(params, state, {**fast, "xq": xq, "yq": labels})["output"]
+        return output
 
 
 def task_uniforms(shard: Shard, tasks: int, width: int, like: torch.Tensor) -> torch.Tensor:
