@@ -513,7 +513,7 @@ def memory(cfg: Config) -> None:
     _metric(cfg)
     cfg.model.arch = "lenet"
     cfg.data.train_ways, cfg.data.train_queries = 5, max(1, 6 - cfg.data.shots)
-    cfg.outer.meta_batch = 16
+    cfg.outer.meta_batch, cfg.outer.grad_norm_clip = 16, 5.0  # the code clips the global norm at 5
     cfg.train.epochs = 200
 
 
