@@ -52,16 +52,20 @@ def verify_archive(name: str, path: Path, origin: str) -> None:
                         f"the Omniglot {name} archive has {EXPECTED[name][0]}, {EXPECTED[name][1]}, {EXPECTED[name][2]}")
 
 
-def download_omniglot(target: Path, names: list[str], base_url: str | None = None) -> None:
-    """Download the named archives (e.g. 'images_background') into the folder `target`."""
-    base = omniglot_base_url(base_url)
+def _writable_target(target: Path, what: str, hint: str) -> None:
+    """Create the download folder, or say why the data set cannot be downloaded there."""
     try:
         target.mkdir(parents=True, exist_ok=True)
         if not os.access(target, os.W_OK):
             raise PermissionError(f"{target} is not writable")
     except OSError as e:
-        raise DataError(f"Omniglot is missing and cannot be downloaded into {target} ({e}).\n"
-                        + _manual_hint(target, names)) from e
+        raise DataError(f"{what} is missing and cannot be downloaded into {target} ({e}).\n{hint}") from e
+
+
+def download_omniglot(target: Path, names: list[str], base_url: str | None = None) -> None:
+    """Download the named archives (e.g. 'images_background') into the folder `target`."""
+    base = omniglot_base_url(base_url)
+    _writable_target(target, "Omniglot", _manual_hint(target, names))
     for name in names:
         url = f"{base}/{name}.zip"
         fd, tmp_name = tempfile.mkstemp(prefix=f".{name}.part-", suffix=".zip", dir=target)
@@ -103,13 +107,7 @@ def _cifar_hint(target: Path) -> str:
 def download_cifar100(target: Path, url: str | None = None) -> None:
     """Download cifar-100-python.tar.gz into the folder `target`, checked against its published MD5."""
     url = cifar100_url(url)
-    try:
-        target.mkdir(parents=True, exist_ok=True)
-        if not os.access(target, os.W_OK):
-            raise PermissionError(f"{target} is not writable")
-    except OSError as e:
-        raise DataError(f"CIFAR-100 is missing and cannot be downloaded into {target} ({e}).\n"
-                        + _cifar_hint(target)) from e
+    _writable_target(target, "CIFAR-100", _cifar_hint(target))
     fd, tmp_name = tempfile.mkstemp(prefix=".cifar-100-python.part-", suffix=".tar.gz", dir=target)
     tmp = Path(tmp_name)
     try:

@@ -31,10 +31,13 @@ class Method:
     kinds: tuple[str, ...] = ("classification",)  # task kinds it handles (tasks.py: classification, regression)
     backbones: tuple[str, ...] | None = None  # model.arch values it accepts; None: every registered backbone
     loop_oracle = False  # has a per-task loop implementation (train.impl=loop) to test the parallel path against
+    takes_backbone = True  # False: the method's networks are its own (a custom backbone is refused)
     backbone: "Backbone | None" = None  # built in __init__ by methods that use one
 
     def __init__(self, cfg: Config, kind: str, input_shape: tuple[int, ...], num_outputs: int, backbone=None):
         """backbone: a factory to build instead of the registered model.arch (usermodule.ModuleBackbone)."""
+        if backbone is not None and not self.takes_backbone:
+            raise ConfigError(f"method.name={self.name} uses networks of its own; it takes no backbone of yours")
         self.cfg, self.kind, self.input_shape, self.num_outputs = cfg, kind, input_shape, num_outputs
         self.custom_backbone = backbone
 

@@ -167,12 +167,7 @@ def unroll(cfg: Config, params: dict[str, Tree], xs: torch.Tensor, ys: torch.Ten
 class MetaLSTM(Method):
     Options = MetaLSTMConfig
     backbones = ("conv4",)  # the published learner; written here because the meta-learner updates BN too
-
-    def __init__(self, cfg: Config, kind: str, input_shape, num_outputs: int, backbone=None):
-        super().__init__(cfg, kind, input_shape, num_outputs, backbone)
-        if backbone is not None:
-            raise ConfigError("method.name=metalstm updates every parameter of its own Conv4 learner; it takes no "
-                              "backbone of your own")
+    takes_backbone = False
 
     @classmethod
     def check(cls, cfg: Config, backbone) -> None:

@@ -222,11 +222,7 @@ class MetaNet(Method):
     Options = MetaNetConfig
     backbones = ("conv4",)  # builds its own b and u (model.filters, model.stages, activation, pooling)
 
-    def __init__(self, cfg: Config, kind: str, input_shape, num_outputs: int, backbone=None):
-        super().__init__(cfg, kind, input_shape, num_outputs, backbone)
-        if backbone is not None:
-            raise ConfigError("method.name=metanet generates fast weights for every layer of its own networks; it "
-                              "takes no backbone of your own")
+    takes_backbone = False  # generates fast weights for every layer of its own networks
 
     @classmethod
     def check(cls, cfg: Config, backbone) -> None:

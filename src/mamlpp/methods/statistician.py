@@ -344,11 +344,10 @@ class StatisticianConfig(MethodConfig):
 class NeuralStatistician(Method):
     Options = StatisticianConfig
     backbones = ("conv4",)  # image inputs; the networks are its own (spec 4.3), model.filters sets their width
+    takes_backbone = False
 
     def __init__(self, cfg: Config, kind: str, input_shape, num_outputs: int, backbone=None):
         super().__init__(cfg, kind, input_shape, num_outputs, backbone)
-        if backbone is not None:
-            raise ConfigError("method.name=statistician uses its own networks (spec 4.3); it takes no backbone of yours")
         self.backbone = Shapes(cfg, tuple(input_shape))
         self.invert = cfg.data.dataset == "omniglot"  # mamlpp's Omniglot has background 1: make ink 1
 
