@@ -6,7 +6,7 @@ from mamlpp.cli import main
 KEYS = {"impl", "preset", "method", "data", "meta_batch", "ways", "shots", "queries", "inner_steps", "filters", "second_order",
         "msl", "dtype", "iters", "chunk", "seconds_per_iter_median", "seconds_per_iter_min", "seconds_per_iter_max",
         "tasks_per_second", "sampling_seconds_per_iter", "peak_memory_mb", "device_name", "torch_version",
-        "eval_tasks", "eval_seconds"}
+        "eval_tasks", "eval_seconds", "threads"}
 
 
 def test_bench_one_iteration_on_synthetic_data(capsys):

@@ -96,3 +96,32 @@ def test_loop_implementation_trains_through_the_per_task_loop(monkeypatch):
         assert torch.allclose(s0[k], s1[k], rtol=1e-12, atol=1e-14), k
     assert torch.allclose(e0["output"], e1["output"], rtol=1e-10, atol=1e-12)
     assert torch.equal(e0["accuracy"], e1["accuracy"])
+
+
+def test_threads_are_chosen_per_workload_and_restored(capsys, tmp_path):
+    """One intra-op thread for a small network (the sinusoid MLP), train.threads to override, torch's
+    default for the conv network; the process's setting comes back after the run, and the run says."""
+    from mamlpp.cli import main
+    from mamlpp.presets import get_preset
+    from mamlpp.sinusoid import SinusoidTasks
+
+    before = torch.get_num_threads()
+    cfg = get_preset("sinusoid-maml")
+    trainer = Trainer(cfg, SinusoidTasks(cfg.data, 0, CPU, torch.float32), CPU)
+    with trainer.threads() as chosen:
+        assert torch.get_num_threads() == 1 and chosen == "1 (auto: a small network)"
+    assert torch.get_num_threads() == before
+    cfg.train.threads = 3
+    with Trainer(cfg, SinusoidTasks(cfg.data, 0, CPU, torch.float32), CPU).threads() as chosen:
+        assert torch.get_num_threads() == 3 and chosen == "3 (train.threads)"
+    conv = tiny_config("omniglot-5w1s-mamlpp")
+    with Trainer(conv, image_tasks(conv), CPU).threads() as chosen:  # 4 filters x 12 x 12 is small too
+        assert chosen.startswith("1 (auto")
+    conv.model.filters, conv.model.stages = 64, 4
+    conv.data.image_size = 28
+    with Trainer(conv, image_tasks(conv, size=28), CPU).threads() as chosen:
+        assert chosen == f"{before} (auto: torch's default)" and torch.get_num_threads() == before
+    assert main(["train", "sinusoid-maml", "train.epochs=1", "train.iters_per_epoch=2", "train.eval_tasks=4",
+                 "train.tensorboard=false", "--out", str(tmp_path / "r"), "--no-progress", "--no-test"]) == 0
+    assert "sinusoid-maml (maml) on cpu, intra-op threads 1 (auto: a small network)" in capsys.readouterr().err
+    assert torch.get_num_threads() == before

@@ -85,6 +85,12 @@ def bench_path(cfg: Config, tasks, device: torch.device, impl: str, iters: int, 
     _sync(device)
     sample_seconds = (time.perf_counter() - t0) / len(batches)
     trainer = Trainer(cfg, tasks, device)
+    with trainer.threads() as threads:  # the thread count a run of this preset would use
+        return _time(trainer, cfg, batches, device, impl, B, iters, warmup, epoch, sample_seconds, eval_tasks, threads)
+
+
+def _time(trainer: Trainer, cfg: Config, batches: list, device: torch.device, impl: str, B: int, iters: int,
+          warmup: int, epoch: int, sample_seconds: float, eval_tasks: int | None, threads: str) -> dict:
     times = []
     with PeakMemory(device) as memory:
         for i, batch in enumerate(batches):
@@ -95,14 +101,15 @@ def bench_path(cfg: Config, tasks, device: torch.device, impl: str, iters: int, 
             if i >= warmup:
                 times.append(time.perf_counter() - start)
     result = {
-        "impl": impl, "preset": cfg.name, "method": cfg.method.name, "meta_batch": B, "ways": cfg.data.ways, "shots": cfg.data.shots,
-        "queries": cfg.data.queries, "inner_steps": cfg.inner.steps, "filters": cfg.model.filters,
-        "second_order": second_order_at(cfg, epoch), "msl": cfg.outer.msl and epoch < cfg.outer.msl_epochs, "dtype": cfg.train.dtype, "iters": iters,
+        "impl": impl, "preset": cfg.name, "method": cfg.method.name, "meta_batch": B, "ways": cfg.data.ways,
+        "shots": cfg.data.shots, "queries": cfg.data.queries, "inner_steps": cfg.inner.steps,
+        "filters": cfg.model.filters, "second_order": second_order_at(cfg, epoch),
+        "msl": cfg.outer.msl and epoch < cfg.outer.msl_epochs, "dtype": cfg.train.dtype, "iters": iters,
         "chunk": cfg.train.chunk,
         "seconds_per_iter_median": statistics.median(times), "seconds_per_iter_min": min(times),
         "seconds_per_iter_max": max(times), "tasks_per_second": B / statistics.median(times),
         "sampling_seconds_per_iter": sample_seconds, "peak_memory_mb": round(memory.peak, 1),
-        "device_name": device_name(device), "torch_version": torch.__version__,
+        "device_name": device_name(device), "torch_version": torch.__version__, "threads": threads,
     }
     if eval_tasks:
         trainer.evaluate("val", num_tasks=min(eval_tasks, 8))  # warm-up

@@ -159,6 +159,9 @@ class TrainConfig:
     # memory, the same gradients (single process). 0: auto, the whole meta-batch on a GPU; on a CPU
     # passes of about 4M first-layer activations for the conv network (trainer.py).
     chunk: int = 0
+    # Intra-op threads on a CPU. 0: auto, one thread for small networks (the sinusoid MLP: many tiny
+    # parallel regions each wait for a thread that a busy machine deschedules), torch's default otherwise.
+    threads: int = 0
     log_every: int = 50  # iterations between metrics.csv rows
     top_k: int = 3  # checkpoints kept by validation score and ensembled at test (paper 3, HEAD 5)
     # Fraction of the schedule for quick runs: scales epochs and the epoch-denominated schedules
@@ -376,7 +379,7 @@ def validate(cfg: Config) -> None:
         if value < 1:
             raise ConfigError(f"{key}={value}: must be >= 1")
     for key, value in {"data.train_ways": d.train_ways, "data.train_queries": d.train_queries,
-                       "outer.lr_step_epochs": o.lr_step_epochs}.items():
+                       "outer.lr_step_epochs": o.lr_step_epochs, "train.threads": t.threads}.items():
         if value < 0:
             raise ConfigError(f"{key}={value}: must be >= 1 (or 0 for the default)")
     if not 0.0 < o.lr_step_gamma <= 1.0:

@@ -54,13 +54,22 @@ def train(cfg: Config, tasks: TaskSource, run_dir: str | os.PathLike, device: to
 
 def _train(cfg: Config, tasks: TaskSource, run: RunDir, device: torch.device, progress: bool, resume: bool,
            run_test: bool, dist: Dist, backbone) -> dict:
-    from tqdm import tqdm
-
     t = cfg.train
     # Randomness beyond the task stream and the initialisation (Matching Nets' support shuffles) comes
     # from the global generator: seeded here, saved in every checkpoint, restored on resume.
     torch.manual_seed(t.seed)
     trainer = Trainer(cfg, tasks, device, dist, backbone)
+    with trainer.threads() as threads:
+        if dist.main:  # the run's first line: where it runs
+            print(f"mamlpp: {cfg.name} ({cfg.method.name}) on {device}, intra-op threads {threads}", file=sys.stderr)
+        return _run(cfg, tasks, run, device, progress, resume, run_test, dist, backbone, trainer)
+
+
+def _run(cfg: Config, tasks: TaskSource, run: RunDir, device: torch.device, progress: bool, resume: bool,
+         run_test: bool, dist: Dist, backbone, trainer: Trainer) -> dict:
+    from tqdm import tqdm
+
+    t = cfg.train
     start_epoch, elapsed = 0, 0.0
     if resume and not run.is_run():
         raise FileNotFoundError(f"{run} is not a run directory (no config.json): nothing to resume")

@@ -6,6 +6,7 @@ Trainer holds the explicit state (params, method state, Adam) and never looks in
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -48,6 +49,26 @@ class Trainer:
                                           betas=tuple(cfg.outer.betas))
         self.clamped = self.method.clamped(self.params)
         self.activations = self.method.activation_elements()  # per example, largest layer
+
+    @contextlib.contextmanager
+    def threads(self):
+        """torch's intra-op threads for this workload while a block runs (restored after); yields what
+        was chosen and why. On a CPU: train.threads, else one thread for a small network."""
+        previous = torch.get_num_threads()
+        if self.device.type != "cpu":
+            chosen = None, "n/a (not a CPU)"
+        elif self.cfg.train.threads:
+            chosen = self.cfg.train.threads, f"{self.cfg.train.threads} (train.threads)"
+        elif self.activations < SMALL_ACTIVATIONS:
+            chosen = 1, "1 (auto: a small network)"
+        else:
+            chosen = None, f"{previous} (auto: torch's default)"
+        if chosen[0]:
+            torch.set_num_threads(chosen[0])
+        try:
+            yield chosen[1]
+        finally:
+            torch.set_num_threads(previous)
 
     def meta_step(self, episodes: dict, epoch: int) -> dict[str, torch.Tensor]:
         """One meta-update on a batch of tasks. Metrics stay on the device (no host sync)."""
