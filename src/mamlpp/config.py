@@ -226,7 +226,7 @@ SECTIONS = ("data", "model", "inner", "outer", "train", "method")
 # arithmetic is split into passes); runs that differ only here are comparable. Report and sweep
 # both use this list.
 INCIDENTAL_KEYS = frozenset({"data.data_dir", "train.device", "train.tensorboard", "train.log_every",
-                             "train.eval_chunk", "train.chunk", "train.impl", "train.checkpoint_inner"})
+                             "train.eval_chunk", "train.chunk", "train.impl", "train.threads", "train.checkpoint_inner"})
 
 
 def valid_keys(cfg: Config | None = None) -> list[str]:
