@@ -121,3 +121,32 @@ class PausedRunJob(RunJob):
 
         SinusoidTasks.train_batch = train_batch
         return super().__call__()
+
+
+def build(cfg: Config, shape=(1, 8, 8), ways=3, seed=0):
+    """(method, params, state) of cfg's method, in float64, for tasks of `ways` classes of `shape` images."""
+    from mamlpp.methods import build_method
+
+    method = build_method(cfg, "classification", shape, ways)
+    params, state = method.init(torch.Generator().manual_seed(seed), F64, "cpu")
+    return method, params, state
+
+
+def training_loss(method, params, state, eps, epoch=0, before_call=None):
+    """(loss, inputs): the method's training loss as a function of its flattened parameters, and those
+    parameters as fresh leaves, for gradcheck. The global generator is reseeded on every call, so the
+    random draws of a method (pairs, shuffles, dropout, noise) repeat; before_call runs first."""
+    names = list(flatten(params))
+
+    def loss(*tensors):
+        tree = {}
+        for name, t in zip(names, tensors):
+            group, key = name.split(".", 1)
+            tree.setdefault(group, {})[key] = t
+        torch.manual_seed(0)
+        if before_call:
+            before_call()
+        return method.meta_loss(tree, state, eps, epoch=epoch)[0]
+
+    return loss, tuple(t.detach().clone().requires_grad_(True) for t in flatten(params).values())
+

@@ -8,11 +8,10 @@ import pytest
 import torch
 from torch.autograd import gradcheck
 
-from core_utils import F64, episodes, smooth
+from core_utils import F64, build, episodes, smooth, training_loss
 from mamlpp.cli import main
 from mamlpp.config import BACKBONES, ConfigError, apply_overrides
 from mamlpp.distributed import Shard
-from mamlpp.methods import build_method, flatten
 from mamlpp.methods.memory import (EMPTY, Memory, empty_memory, lookup, memory_loss, presentation_order,
                                    softmax_temperature, update)
 from mamlpp.presets import PRESETS, get_preset
@@ -188,12 +187,6 @@ def memory_config(**changes):
     return cfg
 
 
-def build(cfg, shape=(1, 8, 8), ways=3, seed=0):
-    method = build_method(cfg, "classification", shape, ways)
-    params, state = method.init(torch.Generator().manual_seed(seed), F64, "cpu")
-    return method, params, state
-
-
 @pytest.mark.parametrize("arch", ["conv4", "lenet"])
 def test_a_query_equal_to_a_support_image_gets_its_class(arch):
     cfg = memory_config(**{"model.arch": arch, "model.filters": 16, "data.shots": 1})
@@ -219,8 +212,6 @@ def test_the_training_loss_against_finite_differences(monkeypatch):
     cfg = smooth(memory_config(**{"model.bnrs": False, "model.bn_eval": "batch", "method.keep_prob": 0.7}))
     method, params, state = build(cfg)
     eps = episodes(tasks=2, ways=3, shots=2, queries=1, shape=(1, 8, 8))
-    flat = flatten(params)
-    names = list(flat)
     written, calls, original = [], [0], module.update
 
     def replayed(memory, q, *rest):  # the first run records what it writes; later runs write the same
@@ -231,16 +222,8 @@ def test_the_training_loss_against_finite_differences(monkeypatch):
 
     monkeypatch.setattr(module, "update", replayed)
 
-    def loss(*tensors):
-        tree = {}
-        for name, t in zip(names, tensors):
-            group, key = name.split(".", 1)
-            tree.setdefault(group, {})[key] = t
-        torch.manual_seed(0)  # the same dropout masks and age noise every call
-        calls[0] = 0
-        return method.meta_loss(tree, state, eps, epoch=0)[0]
-
-    inputs = tuple(t.detach().clone().requires_grad_(True) for t in flat.values())
+    # the same dropout masks and age noise every call, and the recorded writes replayed from the start
+    loss, inputs = training_loss(method, params, state, eps, before_call=lambda: calls.__setitem__(0, 0))
     assert loss(*inputs) > 0 and len(written) == 3 * 3  # one write per step (3 classes x 3 images), both tasks at once
     assert gradcheck(loss, inputs, eps=1e-6, atol=1e-6, rtol=1e-4)
 

@@ -6,10 +6,10 @@ import json
 import pytest
 import torch
 
-from core_utils import F64, episodes, meta_grad, smooth, tiny_config
+from core_utils import F64, episodes, meta_grad, smooth, tiny_config, training_loss
 from mamlpp.cli import main
 from mamlpp.config import BACKBONES, METHODS, Config, ConfigError, apply_overrides
-from mamlpp.methods import Method, build_method, flatten, leaves
+from mamlpp.methods import Method, build_method, leaves
 from mamlpp.methods.protonet import prototypes, squared_distance_logits
 from mamlpp.objective import meta_loss
 from mamlpp.presets import PRESETS, get_preset
@@ -78,18 +78,8 @@ def test_metric_meta_gradient_against_finite_differences(preset, changes):
     cfg.model.stages = 2
     method, params, state = method_and_params(cfg, shape=(1, 6, 6), ways=3)
     eps = episodes(tasks=2, ways=3, shots=2, queries=1, shape=(1, 6, 6))
-    flat = flatten(params)
-    names = list(flat)
-
-    def loss(*tensors):
-        tree = {}
-        for name, t in zip(names, tensors):
-            group, key = name.split(".", 1)
-            tree.setdefault(group, {})[key] = t
-        torch.manual_seed(0)  # FCE shuffles the support order per episode in training: the same order each call
-        return method.meta_loss(tree, state, eps, epoch=0)[0]
-
-    inputs = tuple(t.detach().clone().requires_grad_(True) for t in flat.values())
+    # FCE shuffles the support order per episode in training: training_loss repeats the order each call
+    loss, inputs = training_loss(method, params, state, eps)
     assert torch.autograd.gradcheck(loss, inputs, eps=1e-6, atol=1e-6, rtol=1e-4)
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.autograd import gradcheck
 
-from core_utils import F64, episodes, smooth
+from core_utils import F64, build, episodes, smooth, training_loss
 from mamlpp.cli import main
 from mamlpp.config import BACKBONES, ConfigError, apply_overrides
 from mamlpp.distributed import Shard
@@ -27,12 +27,6 @@ def siamese_config(**changes):
         else:
             setattr(getattr(cfg, section), name, value)
     return cfg
-
-
-def build(cfg, shape=(1, 8, 8), ways=3, seed=0):
-    method = build_method(cfg, "classification", shape, ways)
-    params, state = method.init(torch.Generator().manual_seed(seed), F64, "cpu")
-    return method, params, state
 
 
 def head(d=6, seed=0):
@@ -164,18 +158,7 @@ def test_siamese_training_loss_against_finite_differences(distorted):
     cfg = smooth(siamese_config(**{"model.bnrs": False, "model.bn_eval": "batch", "method.distort": distorted}))
     method, params, state = build(cfg)
     eps = episodes(tasks=2, ways=3, shots=2, queries=1, shape=(1, 8, 8))
-    flat = flatten(params)
-    names = list(flat)
-
-    def loss(*tensors):
-        tree = {}
-        for name, t in zip(names, tensors):
-            group, key = name.split(".", 1)
-            tree.setdefault(group, {})[key] = t
-        torch.manual_seed(0)  # the same pairs and distortions every call
-        return method.meta_loss(tree, state, eps, epoch=0)[0]
-
-    inputs = tuple(t.detach().clone().requires_grad_(True) for t in flat.values())
+    loss, inputs = training_loss(method, params, state, eps)  # the same pairs and distortions every call
     assert gradcheck(loss, inputs, eps=1e-6, atol=1e-6, rtol=1e-4)
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.distributions import Bernoulli, Normal, kl_divergence
 
-from core_utils import F64
+from core_utils import F64, training_loss
 from mamlpp.cli import main
 from mamlpp.config import ConfigError, apply_overrides
 from mamlpp.distributed import Shard
@@ -207,18 +207,7 @@ def test_networks_against_finite_differences():
                                         **{"data.shots": 2, "method.hidden": 3})
     eps = {"xs": images(2, 4, shape=(1, 4, 4), seed=1), "ys": torch.arange(2).repeat_interleave(2).repeat(2, 1),
            "xq": images(2, 2, shape=(1, 4, 4), seed=2), "yq": torch.arange(2).repeat(2, 1)}
-    flat = flatten(params)
-    names = list(flat)
-
-    def loss(*tensors):
-        tree = {}
-        for name, t in zip(names, tensors):
-            group, key = name.split(".", 1)
-            tree.setdefault(group, {})[key] = t
-        torch.manual_seed(0)  # the same reparameterisation noise in every call
-        return method.meta_loss(tree, state, eps, epoch=1)[0]
-
-    inputs = tuple(t.detach().clone().requires_grad_(True) for t in flat.values())
+    loss, inputs = training_loss(method, params, state, eps, epoch=1)  # the same noise every call
     # fast mode: the analytical gradient against central differences along random directions of all
     # parameters together (every tensor is checked, in a few evaluations instead of one per element)
     assert torch.autograd.gradcheck(loss, inputs, eps=1e-6, atol=1e-6, rtol=1e-5, fast_mode=True)

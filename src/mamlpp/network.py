@@ -108,6 +108,20 @@ def batch_norm(h: torch.Tensor, bn: Tree, state: Tree, name: str, slot: int, tas
     return out, (mean.detach().view(tasks, -1), var.view(tasks, -1))
 
 
+def init_batch_norm(layers: list[tuple[str, int]], cfg: ModelConfig, bn_slots: int, dtype, device) -> tuple[Tree, Tree]:
+    """gamma 1 and beta 0 for each (layer, channels), per step (S, C) with BNWB; with BNRS the running
+    statistics per step, mean 0 and variance 1: (bn parameters, state)."""
+    bn, state = {}, {}
+    for name, c in layers:
+        shape = (bn_slots, c) if cfg.bnwb else (c,)
+        bn[f"{name}.weight"] = torch.ones(shape, dtype=dtype, device=device)
+        bn[f"{name}.bias"] = torch.zeros(shape, dtype=dtype, device=device)
+        if cfg.bnrs:
+            state[f"{name}.mean"] = torch.zeros(bn_slots, c, dtype=dtype, device=device)
+            state[f"{name}.var"] = torch.ones(bn_slots, c, dtype=dtype, device=device)
+    return bn, state
+
+
 def update_running_stats(state: Tree, passes: list[tuple[int, dict]], momentum: float, shard=None) -> Tree:
     """BNRS: fold the batch statistics of one meta-batch into the per-step running statistics.
 
@@ -176,14 +190,8 @@ class Conv4:
         if self.num_outputs:
             net["linear.weight"] = xavier_uniform((self.num_outputs, self.features), generator, dtype, device)
             net["linear.bias"] = torch.zeros(self.num_outputs, dtype=dtype, device=device)
-        shape = (self.bn_slots, f) if self.cfg.bnwb else (f,)
-        bn, state = {}, {}
-        for i in range(self.cfg.stages):
-            bn[f"bn{i}.weight"] = torch.ones(shape, dtype=dtype, device=device)
-            bn[f"bn{i}.bias"] = torch.zeros(shape, dtype=dtype, device=device)
-            if self.cfg.bnrs:
-                state[f"bn{i}.mean"] = torch.zeros(self.bn_slots, f, dtype=dtype, device=device)
-                state[f"bn{i}.var"] = torch.ones(self.bn_slots, f, dtype=dtype, device=device)
+        bn, state = init_batch_norm([(f"bn{i}", f) for i in range(self.cfg.stages)], self.cfg, self.bn_slots,
+                                    dtype, device)
         return {"net": net, "bn": bn}, state
 
     def forward(self, net: Tree, bn: Tree, state: Tree, x: torch.Tensor, slot: int,

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import BACKBONES, ConfigError, ModelConfig
-from .network import Tree, activation, batch_norm, linear, xavier_uniform
+from .network import Tree, activation, batch_norm, init_batch_norm, linear, xavier_uniform
 
 LEAK = 0.1  # MetaOptNet's leaky ReLU slope
 DROPBLOCK_SIZE = 5  # MetaOptNet's block size, in the last two blocks
@@ -122,14 +122,7 @@ class ResNet12:
         if self.num_outputs:
             net["linear.weight"] = xavier_uniform((self.num_outputs, self.features), generator, dtype, device)
             net["linear.bias"] = torch.zeros(self.num_outputs, dtype=dtype, device=device)
-        bn, state = {}, {}
-        for name, w in self.bn_layers():
-            shape = (self.bn_slots, w) if self.cfg.bnwb else (w,)
-            bn[f"{name}.weight"] = torch.ones(shape, dtype=dtype, device=device)
-            bn[f"{name}.bias"] = torch.zeros(shape, dtype=dtype, device=device)
-            if self.cfg.bnrs:
-                state[f"{name}.mean"] = torch.zeros(self.bn_slots, w, dtype=dtype, device=device)
-                state[f"{name}.var"] = torch.ones(self.bn_slots, w, dtype=dtype, device=device)
+        bn, state = init_batch_norm(list(self.bn_layers()), self.cfg, self.bn_slots, dtype, device)
         return {"net": net, "bn": bn}, state
 
     def forward(self, net: Tree, bn: Tree, state: Tree, x: torch.Tensor, slot: int,

@@ -62,6 +62,22 @@ def _writable_target(target: Path, what: str, hint: str) -> None:
         raise DataError(f"{what} is missing and cannot be downloaded into {target} ({e}).\n{hint}") from e
 
 
+def _fetch(url: str, fd: int, desc: str) -> str:
+    """Stream `url` into the open file `fd` (closed, fsynced) with a progress bar; returns its MD5."""
+    md5 = hashlib.md5()
+    with os.fdopen(fd, "wb") as f:
+        with urllib.request.urlopen(url, timeout=60) as response:
+            size = int(response.headers.get("Content-Length") or 0) or None
+            with tqdm(total=size, unit="B", unit_scale=True, desc=desc, disable=None) as bar:
+                while chunk := response.read(1 << 16):
+                    f.write(chunk)
+                    md5.update(chunk)
+                    bar.update(len(chunk))
+        f.flush()
+        os.fsync(f.fileno())
+    return md5.hexdigest()
+
+
 def download_omniglot(target: Path, names: list[str], base_url: str | None = None) -> None:
     """Download the named archives (e.g. 'images_background') into the folder `target`."""
     base = omniglot_base_url(base_url)
@@ -71,19 +87,9 @@ def download_omniglot(target: Path, names: list[str], base_url: str | None = Non
         fd, tmp_name = tempfile.mkstemp(prefix=f".{name}.part-", suffix=".zip", dir=target)
         tmp = Path(tmp_name)
         try:
-            md5 = hashlib.md5()
-            with os.fdopen(fd, "wb") as f:
-                with urllib.request.urlopen(url, timeout=60) as response:
-                    size = int(response.headers.get("Content-Length") or 0) or None
-                    with tqdm(total=size, unit="B", unit_scale=True, desc=f"{name}.zip", disable=None) as bar:
-                        while chunk := response.read(1 << 16):
-                            f.write(chunk)
-                            md5.update(chunk)
-                            bar.update(len(chunk))
-                f.flush()
-                os.fsync(f.fileno())
-            if base == UPSTREAM_URL and md5.hexdigest() != UPSTREAM_MD5[name]:
-                raise DataError(f"{url}: MD5 {md5.hexdigest()} differs from the published {UPSTREAM_MD5[name]}; "
+            md5 = _fetch(url, fd, f"{name}.zip")
+            if base == UPSTREAM_URL and md5 != UPSTREAM_MD5[name]:
+                raise DataError(f"{url}: MD5 {md5} differs from the published {UPSTREAM_MD5[name]}; "
                                 "the download is damaged, try again")
             verify_archive(name, tmp, origin=url)
             os.replace(tmp, target / f"{name}.zip")
@@ -111,19 +117,9 @@ def download_cifar100(target: Path, url: str | None = None) -> None:
     fd, tmp_name = tempfile.mkstemp(prefix=".cifar-100-python.part-", suffix=".tar.gz", dir=target)
     tmp = Path(tmp_name)
     try:
-        md5 = hashlib.md5()
-        with os.fdopen(fd, "wb") as f:
-            with urllib.request.urlopen(url, timeout=60) as response:
-                size = int(response.headers.get("Content-Length") or 0) or None
-                with tqdm(total=size, unit="B", unit_scale=True, desc=cifar100.ARCHIVE, disable=None) as bar:
-                    while chunk := response.read(1 << 16):
-                        f.write(chunk)
-                        md5.update(chunk)
-                        bar.update(len(chunk))
-            f.flush()
-            os.fsync(f.fileno())
-        if md5.hexdigest() != cifar100.MD5:
-            raise DataError(f"{url}: MD5 {md5.hexdigest()} differs from the published {cifar100.MD5}; the download "
+        md5 = _fetch(url, fd, cifar100.ARCHIVE)
+        if md5 != cifar100.MD5:
+            raise DataError(f"{url}: MD5 {md5} differs from the published {cifar100.MD5}; the download "
                             "is damaged or not the CIFAR-100 python archive, try again")
         try:
             members = cifar100.archive_members(tmp)
