@@ -6,7 +6,9 @@ Settings (the issue's headline work: second order, 5 inner steps, MSL on, 64 fil
 Omniglot 20w1s B=8, 5w1s B=8, 20w1s B=16, 20w1s B=32 (real Omniglot when available), and
 Mini-ImageNet 5w1s B=2 with 48 filters and 15 queries (synthetic images of the real shape: no
 Mini-ImageNet images exist on these machines). Each setting runs the parallel path and, up to
---loop-up-to tasks, the per-task loop in the same process, so ratios compare like with like.
+--loop-up-to tasks, the per-task loop in the same process, so ratios compare like with like; with
+--bf16 (the default where the machine has native bfloat16) also the parallel path with
+train.precision=bf16, right after the float32 one, and its speed-up over it.
 """
 from __future__ import annotations
 
@@ -25,6 +27,11 @@ SETTINGS = [  # (label, preset, meta_batch, synthetic)
 ]
 
 
+def bf16_native() -> bool:
+    import torch
+    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 def run(preset, batch, synthetic, impl, iters, warmup, eval_tasks, extra):
     cmd = [sys.executable, "-m", "mamlpp", "bench", preset, f"outer.meta_batch={batch}", *extra,
            "--impl", impl, "--iters", str(iters), "--warmup", str(warmup), "--json", "--eval-tasks", str(eval_tasks)]
@@ -35,12 +42,14 @@ def run(preset, batch, synthetic, impl, iters, warmup, eval_tasks, extra):
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| setting | impl | median s/iter | min | max | tasks/s | peak MB | eval (tasks, s) | loop / parallel |",
+    lines = ["| setting | impl | median s/iter | min | max | tasks/s | peak MB | eval (tasks, s) | speed-up |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        ratio = f"{r['speedup_vs_loop']:.2f}x" if "speedup_vs_loop" in r else ""
+        ratio = (f"{r['speedup_vs_loop']:.2f}x the loop" if "speedup_vs_loop" in r else
+                 f"{r['speedup_vs_float32']:.2f}x float32" if "speedup_vs_float32" in r else "")
         ev = f"{r['eval_tasks']}, {r['eval_seconds']:.2f}" if "eval_seconds" in r else ""
-        lines.append(f"| {r['label']} | {r['impl']} | {r['seconds_per_iter_median']:.3f} | "
+        impl = r["impl"] + (" bf16" if r.get("precision") == "bf16" else "")
+        lines.append(f"| {r['label']} | {impl} | {r['seconds_per_iter_median']:.3f} | "
                      f"{r['seconds_per_iter_min']:.3f} | {r['seconds_per_iter_max']:.3f} | "
                      f"{r['tasks_per_second']:.2f} | {r['peak_memory_mb']:.0f} | {ev} | {ratio} |")
     first = rows[0]
@@ -58,9 +67,12 @@ def main() -> int:
     p.add_argument("--eval-tasks", type=int, default=0, help="also time evaluation over this many tasks")
     p.add_argument("--only", default="", help="comma-separated substrings of setting labels to run")
     p.add_argument("--markdown", default=None, help="write the table to this file too")
+    p.add_argument("--bf16", choices=["auto", "yes", "no"], default="auto",
+                   help="also time train.precision=bf16 (auto: where the machine has native bfloat16)")
     p.add_argument("extra", nargs="*", help="KEY=VALUE overrides for every setting, e.g. train.device=cuda")
     args = p.parse_args()
     rows = []
+    bf16 = args.bf16 == "yes" or (args.bf16 == "auto" and bf16_native())
     for label, preset, batch, synthetic in SETTINGS:
         if args.only and not any(s in label for s in args.only.split(",")):
             continue
@@ -68,6 +80,11 @@ def main() -> int:
         results = run(preset, batch, synthetic, impl, args.iters, args.warmup, args.eval_tasks, args.extra)
         if len(results) == 2:
             results[0]["speedup_vs_loop"] = results[1]["seconds_per_iter_median"] / results[0]["seconds_per_iter_median"]
+        if bf16:
+            half = run(preset, batch, synthetic, "parallel", args.iters, args.warmup, args.eval_tasks,
+                       [*args.extra, "train.precision=bf16"])[0]
+            half["speedup_vs_float32"] = results[0]["seconds_per_iter_median"] / half["seconds_per_iter_median"]
+            results.insert(1, half)
         for r in results:
             r["label"] = label
             rows.append(r)

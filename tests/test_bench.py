@@ -1,12 +1,15 @@
 """`mamlpp bench`: one timed iteration of each implementation on synthetic episodes, as JSON."""
 import json
+import os
+import subprocess
+import sys
 
 from mamlpp.cli import main
 
 KEYS = {"impl", "preset", "method", "data", "meta_batch", "ways", "shots", "queries", "inner_steps", "filters", "second_order",
         "msl", "dtype", "iters", "chunk", "seconds_per_iter_median", "seconds_per_iter_min", "seconds_per_iter_max",
         "tasks_per_second", "sampling_seconds_per_iter", "peak_memory_mb", "device_name", "torch_version",
-        "eval_tasks", "eval_seconds", "threads"}
+        "eval_tasks", "eval_seconds", "threads", "processes", "precision"}
 
 
 def test_bench_one_iteration_on_synthetic_data(capsys):
@@ -29,3 +32,18 @@ def test_bench_one_iteration_on_synthetic_data(capsys):
         assert r["sampling_seconds_per_iter"] >= 0 and r["eval_seconds"] > 0 and r["peak_memory_mb"] > 0
         assert r["device_name"] and r["torch_version"]
     assert [r["chunk"] for r in results] == [0, 2]  # the loop runs the whole meta-batch as one graph
+
+
+def test_bench_under_torchrun_times_the_data_parallel_split():
+    # Two single-thread processes, each its share of the meta-batch: how the process/thread split is measured.
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "mamlpp", "bench",
+           "omniglot-5w1s-mamlpp", "model.filters=4", "inner.steps=2", "outer.meta_batch=4", "train.device=cpu",
+           "train.threads=1", "--synthetic", "--iters", "1", "--warmup", "0", "--json"]
+    done = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert len(results) == 1  # rank 0 reports
+    assert results[0]["processes"] == 2 and results[0]["meta_batch"] == 4 and results[0]["threads"].startswith("1 ")
+    refused = subprocess.run(cmd[:-6] + ["--synthetic", "--impl", "loop", "--iters", "1", "--warmup", "0"],
+                             env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
+    assert refused.returncode != 0 and "--impl loop is the one-process baseline" in refused.stderr

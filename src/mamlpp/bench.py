@@ -4,6 +4,8 @@ A timed iteration is what training does: forward through the inner loop, the met
 optimiser step, on task batches sampled beforehand (sampling is timed on its own). Peak memory is
 CUDA's max allocated on a GPU and the process's peak resident set size during the path on a CPU.
 With impl=both, both paths run in one process on the same batches and the ratio is printed.
+Under torchrun the parallel path runs data-parallel over the tasks as training does (each process its
+share, gradients all-reduced); rank 0 reports, with its own peak memory.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import time
 import torch
 
 from .config import METHODS, Config, ConfigError
+from .distributed import Dist
 from .schedules import second_order_at
 from .trainer import Trainer
 
@@ -72,11 +75,14 @@ def _sync(device: torch.device) -> None:
 
 
 def bench_path(cfg: Config, tasks, device: torch.device, impl: str, iters: int, warmup: int,
-               epoch: int = 0, eval_tasks: int | None = None) -> dict:
-    """Time one implementation ('parallel' or 'loop') of a preset on this device."""
+               epoch: int = 0, eval_tasks: int | None = None, dist: Dist = Dist()) -> dict:
+    """Time one implementation ('parallel' or 'loop') of a preset on this device (under torchrun: this
+    process's share of the parallel path)."""
     # The loop is the reference-style baseline: one graph for the whole meta-batch, as the reference keeps.
     if impl == "loop" and not METHODS.get(cfg.method.name).loop_oracle:
         raise ConfigError(f"--impl {impl}: method.name={cfg.method.name} has no per-task loop; use --impl parallel")
+    if impl == "loop" and dist.active:
+        raise ConfigError("--impl loop is the one-process baseline; run it without torchrun")
     chunk = cfg.outer.meta_batch if impl == "loop" else cfg.train.chunk
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, impl=impl, chunk=chunk))
     B = cfg.outer.meta_batch
@@ -84,7 +90,7 @@ def bench_path(cfg: Config, tasks, device: torch.device, impl: str, iters: int, 
     batches = [tasks.train_batch(i, B) for i in range(warmup + iters)]
     _sync(device)
     sample_seconds = (time.perf_counter() - t0) / len(batches)
-    trainer = Trainer(cfg, tasks, device)
+    trainer = Trainer(cfg, tasks, device, dist)
     with trainer.threads() as threads:  # the thread count a run of this preset would use
         return _time(trainer, cfg, batches, device, impl, B, iters, warmup, epoch, sample_seconds, eval_tasks, threads)
 
@@ -104,12 +110,13 @@ def _time(trainer: Trainer, cfg: Config, batches: list, device: torch.device, im
         "impl": impl, "preset": cfg.name, "method": cfg.method.name, "meta_batch": B, "ways": cfg.data.ways,
         "shots": cfg.data.shots, "queries": cfg.data.queries, "inner_steps": cfg.inner.steps,
         "filters": cfg.model.filters, "second_order": second_order_at(cfg, epoch),
-        "msl": cfg.outer.msl and epoch < cfg.outer.msl_epochs, "dtype": cfg.train.dtype, "iters": iters,
-        "chunk": cfg.train.chunk,
+        "msl": cfg.outer.msl and epoch < cfg.outer.msl_epochs, "dtype": cfg.train.dtype,
+        "precision": cfg.train.precision, "iters": iters, "chunk": cfg.train.chunk,
         "seconds_per_iter_median": statistics.median(times), "seconds_per_iter_min": min(times),
         "seconds_per_iter_max": max(times), "tasks_per_second": B / statistics.median(times),
         "sampling_seconds_per_iter": sample_seconds, "peak_memory_mb": round(memory.peak, 1),
         "device_name": device_name(device), "torch_version": torch.__version__, "threads": threads,
+        "processes": trainer.dist.world,
     }
     if eval_tasks:
         trainer.evaluate("val", num_tasks=min(eval_tasks, 8))  # warm-up
@@ -158,23 +165,35 @@ class SyntheticTasks:
 
 
 def cmd_bench(args) -> int:
-    import json
-
-    from .data import build_tasks
-    from .distributed import select_device
+    from .distributed import init_from_env, shutdown
     from .presets import resolve
 
     cfg = resolve(args.preset, args.overrides)
-    device = select_device(cfg.train.device)
+    dist, device = init_from_env(cfg.train.device)
+    clean = False
+    try:
+        code = _bench(args, cfg, dist, device)
+        clean = True
+        return code
+    finally:
+        shutdown(clean)
+
+
+def _bench(args, cfg: Config, dist: Dist, device: torch.device) -> int:
+    import json
+
+    from .data import build_tasks
+
     dtype = getattr(torch, cfg.train.dtype)
     tasks = SyntheticTasks(cfg, device, dtype) if args.synthetic else build_tasks(cfg, device, args.data_dir)
     impls = ["parallel", "loop"] if args.impl == "both" else [args.impl]
     results = []
     for impl in impls:
-        r = bench_path(cfg, tasks, device, impl, args.iters, args.warmup, args.epoch, args.eval_tasks)
+        r = bench_path(cfg, tasks, device, impl, args.iters, args.warmup, args.epoch, args.eval_tasks, dist)
         r["data"] = "synthetic" if args.synthetic else cfg.data.dataset
         results.append(r)
-        print(json.dumps(r) if args.json else format_result(r), flush=True)
+        if dist.main:
+            print(json.dumps(r) if args.json else format_result(r), flush=True)
     if len(results) == 2 and not args.json:
         ratio = results[1]["seconds_per_iter_median"] / results[0]["seconds_per_iter_median"]
         print(f"parallel is {ratio:.2f}x the speed of the per-task loop ({results[0]['device_name']}, "

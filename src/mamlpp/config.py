@@ -150,6 +150,9 @@ class TrainConfig:
     eval_chunk: int = 0  # tasks evaluated together in one pass; 0: auto, 200 (4 for the conv network on a CPU)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["float32", "float64"] = "float32"
+    # 'bf16': convolutions and matrix products in bfloat16 with float32 accumulation (torch.autocast);
+    # batch-norm statistics, losses, inner-loop updates and meta-parameters stay in train.dtype.
+    precision: Literal["full", "bf16"] = "full"
     impl: Literal["parallel", "loop"] = "parallel"  # 'loop': the per-task oracle, for tests/bench
     # Gradient checkpointing of MAML's inner loop: the meta-backward recomputes each inner step's
     # and each query pass's activations instead of keeping them (objective.py). Same gradients, less
@@ -397,6 +400,9 @@ def validate(cfg: Config) -> None:
     if d.image_size < 0 or d.channels < 0:
         raise ConfigError(f"data.image_size={d.image_size}, data.channels={d.channels}: must be >= 1 "
                           "(or 0 for the data set's own)")
+    if t.precision == "bf16" and t.dtype != "float32":
+        raise ConfigError(f"train.precision=bf16 mixes bfloat16 into float32 training; train.dtype={t.dtype} "
+                          "must be float32")
     if t.eval_chunk < 0:
         raise ConfigError(f"train.eval_chunk={t.eval_chunk}: must be >= 1 (or 0 for auto)")
     if t.chunk < 0:

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from .config import BACKBONES, ConfigError, ModelConfig
 from .distributed import Shard
+from .kernels import batch_norm_train
 
 Tree = dict[str, torch.Tensor]
 BN_EPS = 1e-5
@@ -97,15 +98,13 @@ def batch_norm(h: torch.Tensor, bn: Tree, state: Tree, name: str, slot: int, tas
     if use_running:
         mean, var = state[f"{name}.mean"][slot].repeat(tasks), state[f"{name}.var"][slot].repeat(tasks)
         return F.batch_norm(h, mean, var, gamma, beta, training=False, eps=BN_EPS), None
+    out, mean, invstd = batch_norm_train(h, gamma, beta, BN_EPS)  # kernels.py: the fast double backward
     if not want_stats:
-        return F.batch_norm(h, None, None, gamma, beta, training=True, eps=BN_EPS), None
-    # The kernel that F.batch_norm calls already computes the batch statistics: take them from it
-    # instead of another two passes over the activations (same autograd, same double backward).
-    out, mean, invstd = torch.native_batch_norm(h, gamma, beta, None, None, True, 0.0, BN_EPS)
+        return out, None
     with torch.no_grad():
         count = h.numel() // h.shape[1]
         var = (invstd.pow(-2) - BN_EPS) * (count / max(count - 1, 1))  # unbiased, as running stats use
-    return out, (mean.detach().view(tasks, -1), var.view(tasks, -1))
+    return out, (mean.view(tasks, -1), var.view(tasks, -1))
 
 
 def init_batch_norm(layers: list[tuple[str, int]], cfg: ModelConfig, bn_slots: int, dtype, device) -> tuple[Tree, Tree]:

@@ -49,6 +49,15 @@ class Trainer:
                                           betas=tuple(cfg.outer.betas))
         self.clamped = self.method.clamped(self.params)
         self.activations = self.method.activation_elements()  # per example, largest layer
+        if cfg.train.precision == "bf16":
+            require_bf16(device)
+
+    def precision(self):
+        """The block's arithmetic: with train.precision=bf16, torch.autocast runs convolutions and matrix
+        products in bfloat16 (float32 accumulation) and losses in float32; parameters, inner-loop
+        updates and optimiser stay float32. Second-order gradients are taken inside it too: autocast
+        only chooses the dtype of forward ops, and their backward follows those dtypes."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.train.precision == "bf16")
 
     @contextlib.contextmanager
     def threads(self):
@@ -85,7 +94,8 @@ class Trainer:
         tasks = episodes["xs"].shape[0]
         chunk = self.cfg.train.chunk or self._auto_chunk(tasks, episodes)
         if chunk >= tasks:
-            loss, metrics, self.state = self.method.meta_loss(self.params, self.state, episodes, epoch, shard)
+            with self.precision():
+                loss, metrics, self.state = self.method.meta_loss(self.params, self.state, episodes, epoch, shard)
             loss.backward()
         else:  # chunked meta-batch: one graph alive at a time, the same gradients
             loss, metrics = self._chunked_backward(episodes, epoch, chunk)
@@ -124,7 +134,8 @@ class Trainer:
         for lo in range(0, tasks, chunk):
             part = {k: v[lo:lo + chunk] for k, v in episodes.items()}
             share = part["xs"].shape[0] / tasks
-            part_loss, part_metrics, self.state = self.method.meta_loss(self.params, self.state, part, epoch)
+            with self.precision():
+                part_loss, part_metrics, self.state = self.method.meta_loss(self.params, self.state, part, epoch)
             part_loss = part_loss * share if mean else part_loss
             part_loss.backward()
             loss = loss + part_loss.detach()
@@ -165,7 +176,8 @@ class Trainer:
         parts = []
         for first in range(lo, hi, chunk):
             episodes = self.tasks.eval_batch(split, first, min(chunk, hi - first))
-            result = self.method.predict(self.params, self.state, episodes, **predict_options)
+            with self.precision():
+                result = self.method.predict(self.params, self.state, episodes, **predict_options)
             result["target"] = episodes["yq"]
             parts.append(result)
         local = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
@@ -178,6 +190,17 @@ class Trainer:
         if "accuracy" in result:
             out.update(summarise("accuracy", result["accuracy"]))
         return out
+
+
+def require_bf16(device: torch.device) -> None:
+    """train.precision=bf16 needs native bfloat16 arithmetic; emulated, it would be slower than float32."""
+    if device.type == "cuda":
+        ok, what = torch.cuda.is_bf16_supported(), f"the GPU {torch.cuda.get_device_name(device)}"
+    else:
+        ok, what = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported(), "this CPU"
+    if not ok:
+        raise ConfigError(f"train.precision=bf16: {what} has no native bfloat16 arithmetic (a CPU needs avx512_bf16 "
+                          "or AMX, a GPU compute capability 8.0 or later); use train.precision=full")
 
 
 def summarise(name: str, per_task: torch.Tensor) -> dict[str, float]:
