@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from .config import BACKBONES, ConfigError, ModelConfig
 from .distributed import Shard
-from .kernels import batch_norm_train
+from .kernels import batch_norm_train, conv2d
 
 Tree = dict[str, torch.Tensor]
 BN_EPS = 1e-5
@@ -201,8 +201,8 @@ class Conv4:
         stats = {}
         for i in range(self.cfg.stages):
             w = net[f"conv{i}.weight"]
-            h = F.conv2d(h, w.reshape(-1, *w.shape[2:]), net[f"conv{i}.bias"].reshape(-1),
-                         stride=self.stride, padding=1, groups=tasks)
+            h = conv2d(h, w.reshape(-1, *w.shape[2:]), net[f"conv{i}.bias"].reshape(-1),
+                       stride=self.stride, padding=1, groups=tasks)
             h, s = batch_norm(h, bn, state, f"bn{i}", slot, tasks, use_running, want_stats)
             if s is not None:
                 stats[f"bn{i}"] = s
