@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from .config import BACKBONES, ConfigError, ModelConfig
 from .distributed import Shard
-from .kernels import batch_norm_train, conv2d
+from .kernels import batch_norm_train, conv2d, max_pool2d
 
 Tree = dict[str, torch.Tensor]
 BN_EPS = 1e-5
@@ -198,6 +198,10 @@ class Conv4:
         """x [B, n, C, H, W] with per-task weights net[k] [B, ...] -> logits [B, n, N], BN stats."""
         tasks, n = x.shape[:2]
         h = x.transpose(0, 1).reshape(n, tasks * x.shape[2], *x.shape[3:])  # fold tasks into channels
+        if h.device.type == "cpu":
+            # Channels-last on a CPU: its max-pool, batch-norm and convolution kernels were faster on these
+            # shapes, 1.27x for a whole iteration (BENCHMARKS.md); kernels.py keeps gradients in this layout.
+            h = h.contiguous(memory_format=torch.channels_last)
         stats = {}
         for i in range(self.cfg.stages):
             w = net[f"conv{i}.weight"]
@@ -209,7 +213,7 @@ class Conv4:
             if self.cfg.pooling == "max":
                 # Every activation here is non-decreasing, so it commutes with max-pooling: applying
                 # it after the pool gives the same values and gradients on a quarter of the elements.
-                h = activation(self.cfg.activation, F.max_pool2d(h, 2, 2))
+                h = activation(self.cfg.activation, max_pool2d(h, 2))
             elif self.cfg.pooling == "avg":
                 h = F.avg_pool2d(activation(self.cfg.activation, h), 2, 2)
             else:
