@@ -1,18 +1,12 @@
-"""The hot layers of second-order MAML with hand-written double backwards: batch norm and convolution.
+"""The hot layers of second-order MAML with hand-written double backwards: batch norm, convolution
+and max-pooling (docs/design.md, "The hot layers").
 
-Second-order MAML differentiates batch norm's backward. torch's generic double backward of batch
-norm makes about twenty passes over the activations, and on a CPU it was the largest single cost of
-a meta-iteration (BENCHMARKS.md). Here the first backward is torch's fused kernel
-(`native_batch_norm_backward`) wrapped as an autograd Function of its own, and that Function's
-backward, the double backward, is written out: two fused reductions (the same kernel, asked only for
-its per-channel sums) and two passes that combine three tensors with per-channel coefficients.
-
-Notation per channel, M elements: xhat = (x - mean) m with m = 1/sqrt(var + eps); y = gamma xhat + beta.
-First backward (gy -> gx, ggamma, gbeta): gx = gamma m (gy - mean(gy) - xhat mean(gy xhat)),
-ggamma = sum(gy xhat), gbeta = sum(gy). Its backward takes A = d/dgx, a = d/dggamma, b = d/dgbeta and
-returns the gradients for gy, x and gamma (derivation in docs/design.md, "Batch norm's double
-backward"); tests/test_kernels.py checks it with gradgradcheck and against torch's in float64.
-A third derivative is never taken (MAML is second order), so that backward is once-differentiable.
+Second-order MAML differentiates every layer's backward, and on a CPU torch's generic double backwards
+were where a meta-iteration's time went (benchmarks/floor.py, BENCHMARKS.md). Each layer here is an
+autograd Function whose backward is torch's fused first-backward kernel wrapped as a Function of its
+own, so that `create_graph` works, and that Function's backward, the double backward, is written out.
+A third derivative is never taken (MAML is second order), so those are once-differentiable.
+tests/test_kernels.py checks each with gradgradcheck and against torch's double backward in float64.
 """
 from __future__ import annotations
 
@@ -20,12 +14,6 @@ import torch
 from torch.autograd.function import once_differentiable
 
 _backward = torch.ops.aten.native_batch_norm_backward
-
-
-def batch_norm_train(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, eps: float):
-    """Batch norm with batch statistics over every axis but 1 -> (y, mean, invstd); mean and invstd are
-    the kernel's own statistics, detached."""
-    return _BatchNorm.apply(x, gamma, beta, eps)
 
 
 def _channels_last(x: torch.Tensor) -> bool:
@@ -36,6 +24,19 @@ def _like(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """t in x's memory format: the fused kernels fall back to a path 10-20x slower when a gradient
     and the activations differ (channels-last against contiguous)."""
     return t.contiguous(memory_format=torch.channels_last) if _channels_last(x) else t.contiguous()
+
+
+# ---- batch norm ----------------------------------------------------------------------------------
+# Per channel, M elements: xhat = (x - mean) m with m = 1/sqrt(var + eps); y = gamma xhat + beta.
+# First backward (gy -> gx, ggamma, gbeta): gx = gamma m (gy - mean(gy) - xhat mean(gy xhat)),
+# ggamma = sum(gy xhat), gbeta = sum(gy). Its backward takes A = d/dgx, a = d/dggamma, b = d/dgbeta and
+# returns the gradients for gy, x and gamma (derived in docs/design.md): two fused reductions (the same
+# kernel, asked only for its per-channel sums) and two passes that combine three tensors with
+# per-channel coefficients, where torch's generic double backward makes about twenty passes.
+def batch_norm_train(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, eps: float):
+    """Batch norm with batch statistics over every axis but 1 -> (y, mean, invstd); mean and invstd are
+    the kernel's own statistics, detached."""
+    return _BatchNorm.apply(x, gamma, beta, eps)
 
 
 class _BatchNorm(torch.autograd.Function):
@@ -90,7 +91,6 @@ class _BatchNormBackward(torch.autograd.Function):
         g_gy.addcmul_(x, per_channel(k * m))
         g_gamma = m * (p - gyxhat_bar * sum_a_xhat)
         return g_gy, g_x, g_gamma, None, None, None
-
 
 
 # ---- convolution ---------------------------------------------------------------------------------
@@ -164,7 +164,6 @@ class _ConvBackward(torch.autograd.Function):
 
 
 # ---- max-pooling ---------------------------------------------------------------------------------
-
 def max_pool2d(x: torch.Tensor, size: int) -> torch.Tensor:
     """F.max_pool2d(x, size, size) whose double backward (a gather at the saved indices) returns the
     gradient in x's memory format: torch's returns a contiguous one, and on channels-last activations
@@ -178,7 +177,6 @@ class _MaxPool(torch.autograd.Function):
         y, index = torch.ops.aten.max_pool2d_with_indices(x, [size] * 2, [size] * 2)
         ctx.save_for_backward(x, index)
         ctx.size = size
-        ctx.mark_non_differentiable(index)
         return y
 
     @staticmethod
@@ -191,7 +189,6 @@ class _MaxPoolBackward(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gy, x, index, size):
         ctx.save_for_backward(index)
-        ctx.input_shape = x.shape
         return torch.ops.aten.max_pool2d_with_indices_backward(_like(gy, x), x, [size] * 2, [size] * 2, [0, 0],
                                                                 [1, 1], False, index)
 
