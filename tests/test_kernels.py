@@ -172,3 +172,17 @@ def test_max_pool_double_backward_equals_torchs_in_either_layout(channels_last):
     gr, = torch.autograd.grad((gx * x.detach()).sum(), [r])
     assert gr.is_contiguous(memory_format=fmt)
     assert torch.autograd.gradgradcheck(lambda t: max_pool2d(t, 2), (x,))
+
+
+@pytest.mark.skipif(not bf16_available(), reason="this CPU has no native bfloat16")
+def test_the_public_learner_honours_bf16():
+    from mamlpp.api import Learner
+    from core_utils import episodes as random_episodes
+    cfg = tiny_config(**{"train.dtype": "float32", "train.precision": "bf16"})
+    learner = Learner(cfg, (1, 12, 12), 3)
+    eps = {k: v.float() if v.is_floating_point() else v for k, v in random_episodes(tasks=2).items()}
+    with ConvDtypes() as mode:
+        loss, _, _ = learner.meta_loss(eps)
+        logits = learner.predict(learner.adapt(eps["xs"], eps["ys"]), eps["xq"])
+    assert mode.seen == {torch.bfloat16}
+    assert loss.dtype == torch.float32 and logits.shape == (2, 6, 3)

@@ -23,6 +23,7 @@ from .methods import Method, Params, build_method
 from .presets import get_preset
 from .rundir import RunDir, TestResult
 from .tasks import TaskSource
+from .trainer import mixed_precision, require_bf16
 from .usermodule import ModuleBackbone
 
 Episodes = dict[str, torch.Tensor]
@@ -105,7 +106,9 @@ class Learner:
                  kind: str = "classification", backbone: ModuleBackbone | None = None, device: str = "cpu",
                  seed: int | None = None) -> None:
         cfg = _with_backbone(cfg, backbone)
-        self.cfg = cfg
+        self.cfg, self.device = cfg, torch.device(device)
+        if cfg.train.precision == "bf16":
+            require_bf16(self.device)
         self.method: Method = build_method(cfg, kind, tuple(input_shape), num_outputs, backbone)
         generator = torch.Generator().manual_seed(cfg.train.seed if seed is None else seed)
         self.params: Params
@@ -119,17 +122,20 @@ class Learner:
     def meta_loss(self, episodes: Episodes, epoch: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor], Tree]:
         """(loss to backpropagate, detached metrics, new state) of a batch of episodes; the learner keeps
         the new state (e.g. batch-norm running statistics). epoch drives MSL / DA."""
-        loss, metrics, self.state = self.method.meta_loss(self.params, self.state, episodes, epoch)
+        with mixed_precision(self.cfg.train.precision, self.device):
+            loss, metrics, self.state = self.method.meta_loss(self.params, self.state, episodes, epoch)
         return loss, metrics, self.state
 
     def adapt(self, xs: torch.Tensor, ys: torch.Tensor) -> Tree:
         """What each task keeps of its support set: MAML's fast weights after the evaluation steps, or a
         metric method's support embeddings."""
-        return self.method.adapt(self.params, self.state, xs, ys)
+        with mixed_precision(self.cfg.train.precision, self.device):
+            return self.method.adapt(self.params, self.state, xs, ys)
 
     def predict(self, fast: Tree, xq: torch.Tensor) -> torch.Tensor:
         """Logits [B, n, N] of queries xq [B, n, *input_shape] for the tasks `fast` came from."""
-        return self.method.apply(self.params, self.state, fast, xq)
+        with mixed_precision(self.cfg.train.precision, self.device):
+            return self.method.apply(self.params, self.state, fast, xq)
 
     def load_params(self, params: dict[str, torch.Tensor], state: Tree) -> None:
         """Parameters as a checkpoint stores them ({"net.conv0.weight": tensor, ...}) and the state."""

@@ -53,11 +53,7 @@ class Trainer:
             require_bf16(device)
 
     def precision(self):
-        """The block's arithmetic: with train.precision=bf16, torch.autocast runs convolutions and matrix
-        products in bfloat16 (float32 accumulation) and losses in float32; parameters, inner-loop
-        updates and optimiser stay float32. Second-order gradients are taken inside it too: autocast
-        only chooses the dtype of forward ops, and their backward follows those dtypes."""
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.train.precision == "bf16")
+        return mixed_precision(self.cfg.train.precision, self.device)
 
     @contextlib.contextmanager
     def threads(self):
@@ -190,6 +186,14 @@ class Trainer:
         if "accuracy" in result:
             out.update(summarise("accuracy", result["accuracy"]))
         return out
+
+
+def mixed_precision(precision: str, device: torch.device):
+    """The arithmetic of a block: with train.precision=bf16, torch.autocast runs convolutions and matrix
+    products in bfloat16 (float32 accumulation) and losses in float32; parameters, inner-loop updates
+    and the optimiser stay float32. Second-order gradients are taken inside it too: autocast only
+    chooses the dtype of forward ops, and their backward follows those dtypes."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
 def require_bf16(device: torch.device) -> None:
