@@ -7,7 +7,7 @@ relative error ||g - g64|| / ||g64|| over all meta-parameters, per batch and as 
 own error is several per cent on Omniglot (max-pool windows whose largest value flips between
 precisions route the gradient elsewhere: docs/design.md), so bf16 is judged against that, not zero.
 
-    python benchmarks/precision.py omniglot-5w1s-mamlpp-reference [KEY=VALUE ...] [--batches 5] [--json]
+    python benchmarks/precision.py omniglot-5w1s-mamlpp-reference [KEY=VALUE ...] [--batches 5] [--synthetic] [--json]
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import sys
 
 import torch
 
-from mamlpp.bench import device_name
+from mamlpp.bench import SyntheticTasks, device_name
 from mamlpp.data import build_tasks
 from mamlpp.distributed import select_device
 from mamlpp.methods import flatten
@@ -49,6 +49,7 @@ def main() -> int:
     p.add_argument("--batches", type=int, default=5)
     p.add_argument("--epoch", type=int, default=0)
     p.add_argument("--data-dir", default=None)
+    p.add_argument("--synthetic", action="store_true", help="random episodes of the preset's shapes")
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
     base = resolve(args.preset, args.overrides)
@@ -57,7 +58,9 @@ def main() -> int:
     trainers = {}
     for name, (dtype, precision) in variants.items():
         cfg = dataclasses.replace(base, train=dataclasses.replace(base.train, dtype=dtype, precision=precision))
-        trainers[name] = Trainer(cfg, build_tasks(cfg, device, args.data_dir), device)
+        tasks = (SyntheticTasks(cfg, device, getattr(torch, dtype)) if args.synthetic
+                 else build_tasks(cfg, device, args.data_dir))
+        trainers[name] = Trainer(cfg, tasks, device)
     reference = {k: v.detach().clone() for k, v in flatten(trainers["float64"].params).items()}
     errors: dict[str, list[float]] = {"float32": [], "bf16": []}
     with trainers["float64"].threads():
