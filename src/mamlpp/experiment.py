@@ -61,7 +61,9 @@ def _train(cfg: Config, tasks: TaskSource, run: RunDir, device: torch.device, pr
     trainer = Trainer(cfg, tasks, device, dist, backbone)
     with trainer.threads() as threads:
         if dist.main:  # the run's first line: where it runs
-            print(f"mamlpp: {cfg.name} ({cfg.method.name}) on {device}, intra-op threads {threads}", file=sys.stderr)
+            precision = ", bf16 convolutions and matrix products" if cfg.train.precision == "bf16" else ""
+            print(f"mamlpp: {cfg.name} ({cfg.method.name}) on {device}, intra-op threads {threads}{precision}",
+                  file=sys.stderr)
         return _run(cfg, tasks, run, device, progress, resume, run_test, dist, backbone, trainer)
 
 
