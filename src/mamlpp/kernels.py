@@ -111,7 +111,7 @@ def conv2d(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, stride: int
     each one call of the same fused kernels with the task-folded groups.
     """
     device = x.device.type
-    if torch.is_autocast_enabled(device):  # what autocast does for F.conv2d (train.precision=bf16)
+    if device in ("cpu", "cuda") and torch.is_autocast_enabled(device):  # as autocast does for F.conv2d (bf16)
         dtype = torch.get_autocast_dtype(device)
         x, w, b = x.to(dtype), w.to(dtype), None if b is None else b.to(dtype)
     return _Conv.apply(x, w, b, stride, padding, groups)
