@@ -36,7 +36,6 @@ import torch
 import torch.nn.functional as F
 
 from .config import BACKBONES, ConfigError, ModelConfig
-from .kernels import conv2d, max_pool2d
 from .network import Tree, activation, batch_norm, init_batch_norm, linear, xavier_uniform
 
 LEAK = 0.1  # MetaOptNet's leaky ReLU slope
@@ -136,7 +135,7 @@ class ResNet12:
 
         def conv_bn(h, conv, norm, padding):
             w = net[conv]
-            h = conv2d(h, w.reshape(-1, *w.shape[2:]), None, padding=padding, groups=tasks)  # kernels.py
+            h = F.conv2d(h, w.reshape(-1, *w.shape[2:]), None, padding=padding, groups=tasks)
             h, s = batch_norm(h, bn, state, norm, slot, tasks, use_running, want_stats)
             if s is not None:
                 stats[norm] = s
@@ -152,7 +151,7 @@ class ResNet12:
             if self.cfg.pooling == "max":
                 # A non-decreasing activation commutes with max-pooling (as in Conv4): the same values
                 # and gradients on a quarter of the elements.
-                h = act(name, max_pool2d(out, 2))
+                h = act(name, F.max_pool2d(out, 2, 2))
             else:
                 h = F.avg_pool2d(act(name, out), 2, 2)
             if drop and j >= len(self.widths) - DROPBLOCK_BLOCKS:
