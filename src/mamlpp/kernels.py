@@ -21,8 +21,8 @@ def _channels_last(x: torch.Tensor) -> bool:
 
 
 def _like(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """t in x's memory format: the fused kernels fall back to a path 10-20x slower when a gradient
-    and the activations differ (channels-last against contiguous)."""
+    """t in x's memory format: the fused kernels take a much slower path when a gradient and the
+    activations differ (channels-last against contiguous)."""
     return t.contiguous(memory_format=torch.channels_last) if _channels_last(x) else t.contiguous()
 
 
@@ -32,7 +32,7 @@ def _like(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 # ggamma = sum(gy xhat), gbeta = sum(gy). Its backward takes A = d/dgx, a = d/dggamma, b = d/dgbeta and
 # returns the gradients for gy, x and gamma (derived in docs/design.md): two fused reductions (the same
 # kernel, asked only for its per-channel sums) and two passes that combine three tensors with
-# per-channel coefficients, where torch's generic double backward makes about twenty passes.
+# per-channel coefficients, where torch's generic double backward is a long chain of element-wise ops.
 def batch_norm_train(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, eps: float):
     """Batch norm with batch statistics over every axis but 1 -> (y, mean, invstd); mean and invstd are
     the kernel's own statistics, detached."""
