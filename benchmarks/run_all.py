@@ -27,9 +27,18 @@ SETTINGS = [  # (label, preset, meta_batch, synthetic)
 ]
 
 
-def bf16_native() -> bool:
+def bf16_native(extra: list[str]) -> bool:
+    """Whether the device the settings run on (train.device, else a GPU when there is one) has native bfloat16."""
     import torch
-    return torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+    from mamlpp.config import ConfigError
+    from mamlpp.trainer import require_bf16
+    cuda = "train.device=cuda" in extra or (torch.cuda.is_available() and "train.device=cpu" not in extra)
+    try:
+        require_bf16(torch.device("cuda" if cuda else "cpu"))
+        return True
+    except ConfigError:
+        return False
 
 
 def run(preset, batch, synthetic, impl, iters, warmup, eval_tasks, extra):
@@ -72,7 +81,7 @@ def main() -> int:
     p.add_argument("extra", nargs="*", help="KEY=VALUE overrides for every setting, e.g. train.device=cuda")
     args = p.parse_args()
     rows = []
-    bf16 = args.bf16 == "yes" or (args.bf16 == "auto" and bf16_native())
+    bf16 = args.bf16 == "yes" or (args.bf16 == "auto" and bf16_native(args.extra))
     for label, preset, batch, synthetic in SETTINGS:
         if args.only and not any(s in label for s in args.only.split(",")):
             continue
