@@ -10,6 +10,7 @@ from mamlpp.config import ConfigError, validate
 from mamlpp.kernels import batch_norm_train, conv2d, max_pool2d
 from mamlpp.methods import flatten
 from mamlpp.trainer import Trainer, require_bf16
+from test_methods import METHOD_CASES, tiny_method_config
 
 EPS = 1e-5
 
@@ -186,3 +187,19 @@ def test_the_public_learner_honours_bf16():
         logits = learner.predict(learner.adapt(eps["xs"], eps["ys"]), eps["xq"])
     assert mode.seen == {torch.bfloat16}
     assert loss.dtype == torch.float32 and logits.shape == (2, 6, 3)
+
+
+@pytest.mark.skipif(not bf16_available(), reason="this CPU has no native bfloat16")
+@pytest.mark.parametrize("method, extra", METHOD_CASES)
+def test_every_method_trains_and_evaluates_in_bf16(method, extra):
+    # autocast meets each method's own arithmetic (distances, LSTM cells, memories): no dtype clash,
+    # finite numbers, float32 parameters and state.
+    from mamlpp.bench import SyntheticTasks
+    cfg = tiny_method_config(method, extra + ["train.precision=bf16"], dtype="float32")
+    t = Trainer(cfg, SyntheticTasks(cfg, torch.device("cpu"), torch.float32), torch.device("cpu"))
+    metrics = t.meta_step(t.tasks.train_batch(0, 2), 0)
+    assert torch.isfinite(metrics["meta_loss"])
+    assert all(p.dtype == torch.float32 and torch.isfinite(p).all() for p in flatten(t.params).values())
+    assert all(v.dtype in (torch.float32, torch.int64) for v in t.state.values())
+    result = t.evaluate("val", num_tasks=3)
+    assert 0.0 <= result["accuracy"] <= 1.0

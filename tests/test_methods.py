@@ -200,8 +200,9 @@ class NearestMean(Method):
                 "output": out, "accuracy": (out.argmax(-1) == episodes["yq"]).double().mean(1)}
 
 
-@pytest.mark.parametrize("method, extra", [
-    ("test-nearest-mean", ["model.hidden=16"]),  # defined in this file: no library change
+# Every registered method at a tiny size (and one defined in this file: no library change needed).
+METHOD_CASES = [
+    ("test-nearest-mean", ["model.hidden=16"]),
     ("protonet", ["data.train_ways=4", "model.filters=4"]),
     ("matchingnet", ["method.fce=true", "model.filters=4", "data.train_queries=2"]),  # FCE shuffles with the RNG
     ("metalstm", ["model.filters=4", "model.bnrs=false", "inner.steps=2", "inner.eval_steps=2"]),
@@ -210,17 +211,25 @@ class NearestMean(Method):
     ("metanet", ["model.filters=4", "model.bnrs=false", "model.bnwb=false", "method.hidden=4"]),
     ("siamese", ["method.pairs=4", "method.distort=true", "model.filters=4"]),  # pairs and distortions: the RNG
     ("memory", ["model.filters=4", "data.train_queries=2"]),  # dropout and age noise: the RNG
-])
+    ("maml", ["model.filters=4", "inner.steps=2"]),
+]
+
+
+def tiny_method_config(method: str, extra: list[str], dtype: str = "float64") -> Config:
+    return apply_overrides(get_preset("omniglot-5w1s-maml"), [
+        f"method.name={method}", "model.bnrs=true", "model.bnwb=false", "outer.msl=false", "train.epochs=3",
+        "train.iters_per_epoch=4", "train.eval_tasks=10", "outer.meta_batch=2", "train.tensorboard=false",
+        f"train.dtype={dtype}", "train.top_k=2", "data.image_size=12", "model.stages=3", *extra])
+
+
+@pytest.mark.parametrize("method, extra", METHOD_CASES)
 def test_methods_train_evaluate_and_resume_exactly(method, extra, tmp_path):
     from mamlpp.bench import SyntheticTasks
     from mamlpp.evaluation import evaluate_run
     from mamlpp.experiment import train
     from mamlpp.rundir import RunDir
 
-    cfg = apply_overrides(get_preset("omniglot-5w1s-maml"), [
-        f"method.name={method}", "model.bnrs=true", "model.bnwb=false", "outer.msl=false", "train.epochs=3",
-        "train.iters_per_epoch=4", "train.eval_tasks=10", "outer.meta_batch=2", "train.tensorboard=false",
-        "train.dtype=float64", "train.top_k=2", "data.image_size=12", "model.stages=3", *extra])
+    cfg = tiny_method_config(method, extra)
     cpu = torch.device("cpu")
     tasks = SyntheticTasks(cfg, cpu, F64)
     full = train(cfg, tasks, tmp_path / "full", cpu, progress=False)
