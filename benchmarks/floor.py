@@ -215,7 +215,7 @@ def floor_report(cfg, tasks, device, impl: str, epoch: int) -> dict:
             rows.append({"layer": call.layer, "kind": call.kind, "shapes": call.signature, "calls": len(times), "gflop": call.flops * len(times) / 1e9,
                          "measured_ms": sum(times) / 1e3, "floor_ms": alone[best] * len(times) / 1e3, "best": best,
                          "floor_bf16_ms": alone[best16] * len(times) / 1e3, "best_bf16": best16,
-                         "alone_us": {k: round(v, 1) for k, v in alone.items()}})
+                         "alone_us": alone})
     rows.sort(key=lambda r: (r["layer"], r["kind"]))
     total = sum(categories.values())
     chunk = cfg.train.chunk or trainer._auto_chunk(cfg.outer.meta_batch, batches[0])
