@@ -2,6 +2,7 @@
 synthetic image task source, and a sweep job that pauses where a test wants it."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from dataclasses import dataclass
@@ -18,15 +19,23 @@ from mamlpp.sweep import RunJob
 F64 = torch.float64
 
 
+def set_keys(cfg: Config, changes: dict) -> Config:
+    """Apply {'section.key': value} to cfg in place (the method section is a frozen dataclass: replaced)."""
+    for key, value in changes.items():
+        section, name = key.split(".")
+        if section == "method":
+            cfg.method = dataclasses.replace(cfg.method, **{name: value})
+        else:
+            setattr(getattr(cfg, section), name, value)
+    return cfg
+
+
 def tiny_config(preset: str = "omniglot-5w1s-mamlpp", **changes) -> Config:
     """A preset shrunk to a few filters and steps; changes are {'section.key': value}."""
     cfg = get_preset(preset)
     cfg.model.filters, cfg.model.stages = 4, 3
     cfg.inner.steps = 3
-    for key, value in changes.items():
-        section, name = key.split(".")
-        setattr(getattr(cfg, section), name, value)
-    return cfg
+    return set_keys(cfg, changes)
 
 
 def smooth(cfg: Config) -> Config:

@@ -1,5 +1,4 @@
 """The Memory Module (methods spec section 5, tests of 11.3 item 5) and its LeNet embedder, in float64."""
-import dataclasses
 import io
 import json
 import math
@@ -8,7 +7,7 @@ import pytest
 import torch
 from torch.autograd import gradcheck
 
-from core_utils import F64, build, episodes, smooth, training_loss
+from core_utils import F64, build, episodes, set_keys, smooth, training_loss
 from mamlpp.cli import main
 from mamlpp.config import BACKBONES, ConfigError, apply_overrides
 from mamlpp.distributed import Shard
@@ -178,13 +177,7 @@ def memory_config(**changes):
     """omniglot-5w1s-memory on a small Conv4 (4 filters, 2 blocks), K = 2 shots like core_utils.episodes."""
     cfg = get_preset("omniglot-5w1s-memory")
     cfg.model.arch, cfg.model.filters, cfg.model.stages, cfg.data.shots = "conv4", 4, 2, 2
-    for key, value in changes.items():
-        section, name = key.split(".")
-        if section == "method":
-            cfg.method = dataclasses.replace(cfg.method, **{name: value})
-        else:
-            setattr(getattr(cfg, section), name, value)
-    return cfg
+    return set_keys(cfg, changes)
 
 
 @pytest.mark.parametrize("arch", ["conv4", "lenet"])

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from core_utils import F64, episodes
+from core_utils import F64, episodes, set_keys
 from mamlpp.cli import main
 from mamlpp.methods import build_method
 from mamlpp.methods.metalstm import (cell_step, learner_forward, lstm_step, meta_loss_loop, predict_loop,
@@ -17,10 +17,7 @@ def tiny(preset="omniglot-5w1s-metalstm", **changes):
     cfg = get_preset(preset)
     cfg.model.filters, cfg.model.stages, cfg.inner.steps, cfg.inner.eval_steps, cfg.data.shots = 3, 2, 3, 3, 2
     cfg.method.hidden = 4
-    for key, value in changes.items():
-        section, name = key.split(".")
-        setattr(getattr(cfg, section), name, value)
-    return cfg
+    return set_keys(cfg, changes)
 
 
 def method_params(cfg, seed=0, shape=(1, 8, 8), ways=3):

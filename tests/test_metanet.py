@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from core_utils import F64, episodes
+from core_utils import F64, episodes, set_keys
 from mamlpp.cli import main
 from mamlpp.methods import build_method
 from mamlpp.methods.metanet import (augmented, cosine, d_net, generate, m_net, meta_loss_loop, network,
@@ -19,10 +19,7 @@ from mamlpp.presets import PRESETS, get_preset
 def tiny(**changes):
     cfg = get_preset("omniglot-5w1s-metanet")
     cfg.model.filters, cfg.model.stages, cfg.method.hidden, cfg.method.chunks = 3, 2, 4, 2
-    for key, value in changes.items():
-        section, name = key.split(".")
-        setattr(getattr(cfg, section), name, value)
-    return cfg
+    return set_keys(cfg, changes)
 
 
 def method_params(cfg, seed=0, shape=(1, 7, 7), ways=3):

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from core_utils import F64, episodes, meta_grad, smooth, tiny_config, training_loss
+from core_utils import F64, episodes, meta_grad, set_keys, smooth, tiny_config, training_loss
 from mamlpp.cli import main
 from mamlpp.config import BACKBONES, METHODS, Config, ConfigError, apply_overrides
 from mamlpp.methods import Method, build_method, leaves
@@ -19,10 +19,7 @@ def metric_config(preset="omniglot-5w1s-protonet", **changes) -> Config:
     """A metric preset shrunk; K = 2 shots like core_utils.episodes (the support holds N*K images)."""
     cfg = get_preset(preset)
     cfg.model.filters, cfg.model.stages, cfg.data.shots = 4, 3, 2
-    for key, value in changes.items():
-        section, name = key.split(".")
-        setattr(getattr(cfg, section), name, value)
-    return cfg
+    return set_keys(cfg, changes)
 
 
 def method_and_params(cfg, shape=(1, 12, 12), ways=3, seed=0):

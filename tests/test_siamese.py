@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.autograd import gradcheck
 
-from core_utils import F64, build, episodes, smooth, training_loss
+from core_utils import F64, build, episodes, set_keys, smooth, training_loss
 from mamlpp.cli import main
 from mamlpp.config import BACKBONES, ConfigError, apply_overrides
 from mamlpp.distributed import Shard
@@ -20,13 +20,7 @@ def siamese_config(**changes):
     cfg = get_preset("omniglot-5w1s-siamese")
     cfg.model.filters, cfg.model.stages, cfg.data.shots = 4, 2, 2
     cfg.method = dataclasses.replace(cfg.method, pairs=8)
-    for key, value in changes.items():
-        section, name = key.split(".")
-        if section == "method":
-            cfg.method = dataclasses.replace(cfg.method, **{name: value})
-        else:
-            setattr(getattr(cfg, section), name, value)
-    return cfg
+    return set_keys(cfg, changes)
 
 
 def head(d=6, seed=0):
