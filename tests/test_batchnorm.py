@@ -93,12 +93,13 @@ def test_bnrs_state_is_returned_not_mutated():
     assert all(not torch.equal(new_state[k], state[k]) for k in state)
 
 
-def test_sharded_running_stats_fold_equals_one_call():
-    """BNRS under torchrun: each process folds its own tasks' batch statistics in at their global
-    positions and all-reduces the sums. Three uneven shards, with a fake all-reduce that hands each
-    call the sum of what every shard sent, give the running means and variances of one call."""
+def test_running_stats_of_parts_sum_to_one_call():
+    """BNRS over a meta-batch split into parts (chunks, processes' shares): each part folds its own
+    tasks' batch statistics in at their global positions, only the first carries the old state, and
+    the parts' states summed (as the trainer and the all-reduce do) are the running statistics of
+    one call. Slot 2 has no pass: it keeps its state."""
     tasks, channels, momentum = 5, 3, 0.3
-    state = {f"bn{i}.{s}": randn((2, channels), seed=10 + i).abs() + (s == "var")
+    state = {f"bn{i}.{s}": randn((3, channels), seed=10 + i).abs() + (s == "var")
              for i in (0, 1) for s in ("mean", "var")}
 
     def stats(seed):  # {layer: (mean [B, C], var [B, C])} of one pass
@@ -112,17 +113,11 @@ def test_sharded_running_stats_fold_equals_one_call():
     def local(lo, hi):
         return [(slot, {k: (m[lo:hi], v[lo:hi]) for k, (m, v) in st.items()}) for slot, st in passes]
 
-    shards = [(0, 2), (2, 3), (3, 5)]
-    sent = [[] for _ in shards]  # what each process contributes, in the order of its all-reduce calls
-    for (lo, hi), out in zip(shards, sent):
-        update_running_stats(state, local(lo, hi), momentum, Shard(lo, tasks, lambda t, out=out: out.append(t.clone())))
-    sums = [sum(parts) for parts in zip(*sent)]
-    assert len(sums) == 2 * 2 * 2  # layers x (mean, var) x slots: every fold goes through the all-reduce
-    for lo, hi in shards:
-        received = iter(sums)
-        sharded = update_running_stats(state, local(lo, hi), momentum,
-                                       Shard(lo, tasks, lambda t: t.copy_(next(received))))
-        assert sharded.keys() == whole.keys()
-        for k in whole:
-            assert torch.allclose(sharded[k], whole[k], rtol=1e-14, atol=1e-15), (lo, k)
-            assert not torch.equal(whole[k], state[k]), k
+    parts = [update_running_stats(state, local(lo, hi), momentum, Shard(lo, tasks, carry=lo == 0))
+             for lo, hi in [(0, 2), (2, 3), (3, 5)]]
+    assert all(parts[0].keys() == p.keys() == whole.keys() for p in parts)
+    for k in whole:
+        summed = parts[0][k] + parts[1][k] + parts[2][k]
+        assert torch.allclose(summed, whole[k], rtol=1e-14, atol=1e-15), k
+        assert not torch.equal(whole[k][:2], state[k][:2]), k
+        assert torch.equal(whole[k][2], state[k][2]) and not parts[1][k][2].any(), k

@@ -9,7 +9,7 @@ from mamlpp.cli import main
 KEYS = {"impl", "preset", "method", "data", "meta_batch", "ways", "shots", "queries", "inner_steps", "filters", "second_order",
         "msl", "dtype", "iters", "chunk", "seconds_per_iter_median", "seconds_per_iter_min", "seconds_per_iter_max",
         "tasks_per_second", "sampling_seconds_per_iter", "peak_memory_mb", "device_name", "torch_version",
-        "eval_tasks", "eval_seconds", "threads", "processes", "precision"}
+        "eval_tasks", "eval_seconds", "threads", "processes", "precision", "peak_memory_mb_all"}
 
 
 def test_bench_one_iteration_on_synthetic_data(capsys):
@@ -44,6 +44,7 @@ def test_bench_under_torchrun_times_the_data_parallel_split():
     results = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     assert len(results) == 1  # rank 0 reports
     assert results[0]["processes"] == 2 and results[0]["meta_batch"] == 4 and results[0]["threads"].startswith("1 ")
+    assert results[0]["peak_memory_mb"] < results[0]["peak_memory_mb_all"] < 3 * results[0]["peak_memory_mb"]
     refused = subprocess.run(cmd[:-6] + ["--synthetic", "--impl", "loop", "--iters", "1", "--warmup", "0"],
                              env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
     assert refused.returncode != 0 and "--impl loop is the one-process baseline" in refused.stderr

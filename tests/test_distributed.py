@@ -19,7 +19,8 @@ ARGS = ["train.dtype=float64", "train.epochs=2", "train.iters_per_epoch=12", "tr
 
 def launch(preset, out, overrides, procs, extra=(), wait=True, env=None):
     env = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
-    if procs == 1:
+    if procs == 1:  # one process unless the test asks for more (auto would take one per core)
+        overrides = overrides if any(o.startswith("train.processes=") for o in overrides) else [*overrides, "train.processes=1"]
         cmd = [sys.executable, "-m", "mamlpp", "train", preset, *overrides, "--out", str(out), *extra]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={procs}",
@@ -47,20 +48,23 @@ def assert_same_params(a, b, tol):
         assert torch.allclose(x, y, rtol=tol, atol=tol * x.abs().max().item()), k
 
 
-@pytest.mark.parametrize("preset, extra, tol", [
-    ("sinusoid-maml", ["model.hidden=16,16"], 1e-9),
-    ("omniglot-5w1s-mamlpp", ["model.filters=8", "inner.steps=2"], 1e-9),  # BNRS state is all-reduced too
+# two_only: what only the two-process run gets (chunks within a process's share)
+@pytest.mark.parametrize("preset, extra, tol, two_only", [
+    ("sinusoid-maml", ["model.hidden=16,16"], 1e-9, []),
+    ("omniglot-5w1s-mamlpp", ["model.filters=8", "inner.steps=2"], 1e-9, []),  # BNRS state is all-reduced too
+    # Shares of 3 and 2 tasks, one task per pass: the BNRS parts sum over passes and processes.
+    ("omniglot-5w1s-mamlpp", ["model.filters=8", "inner.steps=2"], 1e-9, ["train.chunk=1"]),
     # A metric method with running statistics. Its ReLU units that are dead on every image have a true
     # gradient of zero, so rounding noise moves their BN biases by ~1e-11 (the tensors' scale: 1e-2).
-    ("omniglot-5w1s-protonet", ["model.filters=8", "data.train_ways=10"], 1e-8),
-    # Pairs and distortions are drawn for the whole meta-batch, each process keeping its tasks' rows.
-    ("omniglot-5w1s-siamese", ["model.filters=8", "data.train_ways=8", "method.pairs=16"], 1e-8),
+    ("omniglot-5w1s-protonet", ["model.filters=8", "data.train_ways=10"], 1e-8, []),
+    # Pairs and distortions are drawn for the whole meta-batch, each pass keeping its tasks' rows.
+    ("omniglot-5w1s-siamese", ["model.filters=8", "data.train_ways=8", "method.pairs=16"], 1e-8, ["train.chunk=2"]),
     # The memory's nearest-neighbour decisions are discrete: on a network without batch norm (the
     # preset's LeNet) nothing differs between the two summation orders, and the runs agree exactly.
     # (On Conv4 the conv biases' rounding noise, above, can flip one after a few updates.)
-    ("omniglot-5w1s-memory", ["train.iters_per_epoch=3", "data.train_queries=1", "train.eval_tasks=10"], 1e-12),
+    ("omniglot-5w1s-memory", ["train.iters_per_epoch=3", "data.train_queries=1", "train.eval_tasks=10"], 1e-12, []),
 ])
-def test_two_processes_match_one(tmp_path, preset, extra, tol, request):
+def test_two_processes_match_one(tmp_path, preset, extra, tol, two_only, request):
     env = {}
     if preset.startswith("omniglot"):
         request.getfixturevalue("omniglot_set")  # decode the real Omniglot once, into the session cache
@@ -68,7 +72,7 @@ def test_two_processes_match_one(tmp_path, preset, extra, tol, request):
                "MAMLPP_CACHE": str(request.getfixturevalue("data_cache_dir"))}
     one, two = tmp_path / "one", tmp_path / "two"
     launch(preset, one, ARGS + extra, 1, env=env)
-    out = launch(preset, two, ARGS + extra, 2, env=env)
+    out = launch(preset, two, ARGS + extra + two_only, 2, env=env)
     assert out.stdout.count("run: ") == 1  # only rank 0 reports
     a, b = latest(one), latest(two)
     assert_same_params(a, b, tol)
@@ -113,3 +117,61 @@ def test_kill_and_resume_under_torchrun(tmp_path):
     assert a["epoch"] == b["epoch"] == 2
     for k in a["params"]:
         assert torch.equal(a["params"][k], b["params"][k]), k
+
+
+def peers_of(pid):
+    return [int(p) for p in open(f"/proc/{pid}/task/{pid}/children").read().split()]
+
+
+def alive(pid):
+    try:
+        return open(f"/proc/{pid}/stat").read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_train_starts_its_own_processes(tmp_path):
+    """train.processes=2: `mamlpp train` makes itself rank 0 and starts rank 1; the same update as one
+    process, one report, the choice in the first line."""
+    args = ARGS + ["model.hidden=16,16"]
+    launch("sinusoid-maml", tmp_path / "one", args + ["train.processes=1"], 1)
+    out = launch("sinusoid-maml", tmp_path / "two", args + ["train.processes=2"], 1)
+    assert "on cpu, processes 2 (train.processes), intra-op threads 1 (auto: one in each of 2 processes)" in out.stderr
+    assert out.stdout.count("run: ") == 1
+    assert_same_params(latest(tmp_path / "one"), latest(tmp_path / "two"), 1e-9)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ranks follow rank 0 through PR_SET_PDEATHSIG")
+def test_killed_train_takes_its_processes_along_and_resumes(tmp_path):
+    """kill -9 of the process the user started leaves no rank training on (holding the run's lock):
+    the resume starts at once and finishes the run."""
+    args = ["train.epochs=3", "train.iters_per_epoch=150", "train.eval_tasks=20", "outer.meta_batch=4",
+            "model.hidden=16,16", "train.device=cpu", "train.log_every=10", "train.tensorboard=false",
+            "train.processes=2", "--no-progress", "--no-test"]
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "mamlpp", "train", "sinusoid-maml", *args, "--out", str(run)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline, peers = time.time() + 120, []
+    while time.time() < deadline and not (run / "metrics.csv").exists():
+        peers = peers or peers_of(proc.pid)
+        time.sleep(0.05)
+    assert len(peers) == 1 and (run / "metrics.csv").exists()
+    proc.kill()  # rank 0 only: its peer must follow
+    proc.wait()
+    deadline = time.time() + 30
+    while time.time() < deadline and alive(peers[0]):
+        time.sleep(0.05)
+    assert not alive(peers[0])
+    done = subprocess.run([sys.executable, "-m", "mamlpp", "train", "--resume", str(run), "--no-progress", "--no-test"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "processes 2 (train.processes)" in done.stderr and latest(run)["epoch"] == 2
+
+
+def test_a_failed_process_ends_the_run():
+    """Rank 0 would wait on a dead rank for half an hour (the store at start-up, or a collective)."""
+    code = "from mamlpp.launch import Peers; import time; Peers(2, 'test', ['no-such-command']); time.sleep(120)"
+    start = time.time()
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and time.time() - start < 60
+    assert "mamlpp: training process 1 of 2 exited with status 2; stopping the run" in done.stderr

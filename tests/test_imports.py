@@ -5,7 +5,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "mamlpp"
 # Layers, top to bottom. A module may import its own layer's modules and those below, never above.
 TOP = {"mamlpp", "mamlpp.api", "mamlpp.cli", "mamlpp.__main__", "mamlpp.bench", "mamlpp.report", "mamlpp.sample",
-       "mamlpp.sweep", "mamlpp.data.cli"}
+       "mamlpp.sweep", "mamlpp.data.cli", "mamlpp.launch"}
 RUN = {"mamlpp.experiment", "mamlpp.evaluation", "mamlpp.trainer"}
 
 

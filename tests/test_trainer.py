@@ -123,5 +123,32 @@ def test_threads_are_chosen_per_workload_and_restored(capsys, tmp_path):
         assert chosen == f"{before} (auto: torch's default)" and torch.get_num_threads() == before
     assert main(["train", "sinusoid-maml", "train.epochs=1", "train.iters_per_epoch=2", "train.eval_tasks=4",
                  "train.tensorboard=false", "--out", str(tmp_path / "r"), "--no-progress", "--no-test"]) == 0
-    assert "sinusoid-maml (maml) on cpu, intra-op threads 1 (auto: a small network)" in capsys.readouterr().err
+    assert ("sinusoid-maml (maml) on cpu, processes 1 (auto: a small network), intra-op threads 1 (auto: a small "
+            "network)") in capsys.readouterr().err
     assert torch.get_num_threads() == before
+
+
+def test_processes_are_chosen_per_workload(monkeypatch):
+    """Auto takes one process per core when several tasks fit in a pass, one process for a small
+    network, a task that fills a pass, one core, a meta-batch of one task or train.threads set."""
+    from mamlpp.presets import get_preset
+    from mamlpp.sinusoid import SinusoidTasks
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    cfg = get_preset("sinusoid-maml")
+    assert Trainer(cfg, SinusoidTasks(cfg.data, 0, CPU, torch.float32), CPU).processes() == (1, "auto: a small network")
+
+    def chosen(size=28, **overrides):
+        conv = tiny_config("omniglot-5w1s-mamlpp", **{"model.filters": 64, "model.stages": 4,
+                                                      "data.image_size": size, "outer.meta_batch": 4, **overrides})
+        return Trainer(conv, image_tasks(conv, size=size), CPU).processes()
+
+    # 10 images of 64 x 28 x 28 activations: 8 tasks fit in a pass of 4M
+    assert chosen() == (3, "auto: 8 tasks fit in a pass, one process per core")
+    assert chosen(**{"outer.meta_batch": 2}) == (2, "auto: 8 tasks fit in a pass, one process per core")
+    assert chosen(**{"outer.meta_batch": 1}) == (1, "auto: one task per meta-batch")
+    assert chosen(size=84) == (1, "auto: a task fills a pass, intra-op threads share it")  # 10 x 64 x 84 x 84
+    assert chosen(**{"train.threads": 2}) == (1, "auto: train.threads is set")
+    assert chosen(**{"train.processes": 2, "outer.meta_batch": 2}) == (2, "train.processes")
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0}, raising=False)
+    assert chosen() == (1, "auto: one core")

@@ -5,7 +5,7 @@ optimiser step, on task batches sampled beforehand (sampling is timed on its own
 CUDA's max allocated on a GPU and the process's peak resident set size during the path on a CPU.
 With impl=both, both paths run in one process on the same batches and the ratio is printed.
 Under torchrun the parallel path runs data-parallel over the tasks as training does (each process its
-share, gradients all-reduced); rank 0 reports, with its own peak memory.
+share, gradients all-reduced); rank 0 reports, with its own peak memory and all processes' together.
 """
 from __future__ import annotations
 
@@ -117,6 +117,8 @@ def _time(trainer: Trainer, cfg: Config, batches: list, device: torch.device, im
         "sampling_seconds_per_iter": sample_seconds, "peak_memory_mb": round(memory.peak, 1),
         "device_name": device_name(device), "torch_version": torch.__version__, "threads": threads,
         "processes": trainer.dist.world,
+        # every process's peak added up (resident sets: the library pages they share count once each)
+        "peak_memory_mb_all": round(trainer.dist.all_reduce_flat([torch.tensor([memory.peak], dtype=torch.float64)])[0].item(), 1),
     }
     if eval_tasks:
         trainer.evaluate("val", num_tasks=min(eval_tasks, 8))  # warm-up

@@ -32,10 +32,12 @@ def cmd_config(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from . import api
+    from . import api, launch
     from .distributed import dist_from_env, shutdown
     from .experiment import NonFiniteLossError
     from .rundir import RunDir, TestResult
+
+    launch.follow_parent()
 
     if args.resume:
         if args.preset or args.overrides:
@@ -47,6 +49,8 @@ def cmd_train(args) -> int:
         if not args.preset or not args.out:
             raise ConfigError("train needs PRESET and --out RUN_DIR (or --resume RUN_DIR)")
         run_dir, cfg = args.out, resolve(args.preset, args.overrides)
+    world, why = launch.plan(cfg, args.data_dir) if args.argv is not None else (1, "")
+    peers = launch.Peers(world, why, args.argv)
     clean = False
     try:
         summary = api.train(cfg, run_dir, resume=bool(args.resume), data_dir=args.data_dir,
@@ -57,6 +61,10 @@ def cmd_train(args) -> int:
         return 1
     finally:
         shutdown(clean)
+        failed = peers.wait(clean)
+    if failed:
+        print(f"mamlpp: a training process exited with status {failed}", file=sys.stderr)
+        return 1
     dist = dist_from_env()
     if dist.main:
         print(f"run: {run_dir}  iterations: {summary['iterations']}  seconds: {summary['seconds']:.1f}")
@@ -136,12 +144,14 @@ def one_line(e: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    program = argv is None  # `mamlpp ...` itself, not a call from Python (whose process is not ours to split)
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("MAMLPP_DEBUG", "") not in ("", "0")
     argv = [a for a in argv if a != "--debug"]
     parser = build_parser()
     # Overrides may follow options (`train P --out R inner.steps=3`): argparse leaves them unknown.
     args, unknown = parser.parse_known_args(argv)
+    args.argv = argv if program else None  # what train's own processes run (launch.py)
     if unknown:
         if not hasattr(args, "overrides") or any(u.startswith("-") or "=" not in u for u in unknown):
             parser.error(f"unrecognized arguments: {' '.join(unknown)}")

@@ -165,6 +165,11 @@ class TrainConfig:
     # Intra-op threads on a CPU. 0: auto, one thread for small networks (the sinusoid MLP: many tiny
     # parallel regions each wait for a thread that a busy machine deschedules), torch's default otherwise.
     threads: int = 0
+    # CPU processes that split every meta-batch's tasks (`mamlpp train` starts them; gloo, the same
+    # update as one process). 0: auto, one single-thread process per core when several tasks fit in
+    # one pass (tasks are small; a task that fills a pass is faster on intra-op threads), else one.
+    # Under torchrun, torchrun decides.
+    processes: int = 0
     log_every: int = 50  # iterations between metrics.csv rows
     top_k: int = 3  # checkpoints kept by validation score and ensembled at test (paper 3, HEAD 5)
     # Fraction of the schedule for quick runs: scales epochs and the epoch-denominated schedules
@@ -229,7 +234,8 @@ SECTIONS = ("data", "model", "inner", "outer", "train", "method")
 # arithmetic is split into passes); runs that differ only here are comparable. Report and sweep
 # both use this list.
 INCIDENTAL_KEYS = frozenset({"data.data_dir", "train.device", "train.tensorboard", "train.log_every",
-                             "train.eval_chunk", "train.chunk", "train.impl", "train.threads", "train.checkpoint_inner"})
+                             "train.eval_chunk", "train.chunk", "train.impl", "train.threads", "train.processes",
+                             "train.checkpoint_inner"})
 
 
 def valid_keys(cfg: Config | None = None) -> list[str]:
@@ -382,9 +388,13 @@ def validate(cfg: Config) -> None:
         if value < 1:
             raise ConfigError(f"{key}={value}: must be >= 1")
     for key, value in {"data.train_ways": d.train_ways, "data.train_queries": d.train_queries,
-                       "outer.lr_step_epochs": o.lr_step_epochs, "train.threads": t.threads}.items():
+                       "outer.lr_step_epochs": o.lr_step_epochs, "train.threads": t.threads,
+                       "train.processes": t.processes}.items():
         if value < 0:
             raise ConfigError(f"{key}={value}: must be >= 1 (or 0 for the default)")
+    if t.processes > o.meta_batch:
+        raise ConfigError(f"train.processes={t.processes}: more than outer.meta_batch={o.meta_batch}; every process "
+                          "needs at least one task of each meta-batch")
     if not 0.0 < o.lr_step_gamma <= 1.0:
         raise ConfigError(f"outer.lr_step_gamma={o.lr_step_gamma}: must be in (0, 1]")
     for s in SECTIONS:  # a NaN or an infinity never makes sense and passes every comparison below

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -17,21 +17,23 @@ import torch.distributed as dist
 from .config import ConfigError
 
 
+# Set by launch.py in the processes `mamlpp train` starts itself: why it split the run (else: torchrun).
+LAUNCH_REASON = "MAMLPP_PROCESSES_REASON"
+
+
 @dataclass(frozen=True)
 class Shard:
-    """This process's slice of the meta-batch when its tasks are split across processes.
+    """The part of a meta-batch that one meta_loss call sees: a chunk of tasks, of this process's share.
 
-    offset: global index of the first local task; total: tasks in the whole meta-batch (None: the
-    local count, i.e. one process); all_reduce: sums a tensor over processes in place.
+    offset: global index of the part's first task; total: tasks in the whole meta-batch (None: the
+    part is the whole). carry: whether the part's new state carries the state it was given (the
+    meta-batch's first part does); the other parts return only what they add to it (running
+    statistics: their tasks' terms; zeros elsewhere), and the trainer sums the parts' states over
+    chunks and processes, so a meta-batch gives the same state however it is split.
     """
     offset: int = 0
     total: Optional[int] = None
-    all_reduce: Optional[Callable[[torch.Tensor], None]] = None
-
-    def reduce(self, t: torch.Tensor) -> torch.Tensor:
-        if self.all_reduce is not None:
-            self.all_reduce(t)
-        return t
+    carry: bool = True
 
     def combine(self, losses: torch.Tensor, reduction: str) -> torch.Tensor:
         """The local share of the meta-loss: summing it over processes gives the whole loss."""
@@ -55,21 +57,21 @@ class Dist:
         """[lo, hi) of `count` items that this process handles: contiguous, sizes differ by <= 1."""
         return count * self.rank // self.world, count * (self.rank + 1) // self.world
 
-    def all_reduce(self, t: torch.Tensor) -> None:
-        if self.active:
-            dist.all_reduce(t)
-
     def all_reduce_grads(self, tensors: list[torch.Tensor]) -> None:
         """Sum gradients over processes in one flat buffer (one collective, not one per tensor)."""
-        if not self.active:
-            return
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in tensors]
-        flat = torch.cat([g.reshape(-1) for g in grads])
+        if self.active:
+            grads = self.all_reduce_flat([p.grad if p.grad is not None else torch.zeros_like(p) for p in tensors])
+            for p, g in zip(tensors, grads):
+                p.grad = g
+
+    def all_reduce_flat(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The tensors summed over processes, through one flat buffer (one collective, not one per tensor)."""
+        if not self.active or not tensors:
+            return tensors
+        flat = torch.cat([t.reshape(-1) for t in tensors])
         dist.all_reduce(flat)
-        offset = 0
-        for p, g in zip(tensors, grads):
-            p.grad = flat[offset: offset + g.numel()].view_as(g)
-            offset += g.numel()
+        sizes = [t.numel() for t in tensors]
+        return [part.view_as(t).to(t.dtype) for part, t in zip(flat.split(sizes), tensors)]
 
     def gather(self, t: torch.Tensor, count: int) -> torch.Tensor:
         """Concatenate every process's share (along dim 0) of `count` items, in rank order."""

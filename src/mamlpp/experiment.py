@@ -62,8 +62,11 @@ def _train(cfg: Config, tasks: TaskSource, run: RunDir, device: torch.device, pr
     with trainer.threads() as threads:
         if dist.main:  # the run's first line: where it runs
             precision = ", bf16 convolutions and matrix products" if cfg.train.precision == "bf16" else ""
-            print(f"mamlpp: {cfg.name} ({cfg.method.name}) on {device}, intra-op threads {threads}{precision}",
-                  file=sys.stderr)
+            processes, why = trainer.processes()
+            if processes != dist.world:  # only `mamlpp train` and torchrun start processes
+                why = f"{why}, {processes} wanted: only `mamlpp train` as a program or torchrun starts processes"
+            print(f"mamlpp: {cfg.name} ({cfg.method.name}) on {device}, processes {dist.world} ({why}), "
+                  f"intra-op threads {threads}{precision}", file=sys.stderr)
         return _run(cfg, tasks, run, device, progress, resume, run_test, dist, backbone, trainer)
 
 

@@ -132,8 +132,10 @@ def _run_task(model, params, state, xs, ys, xq, yq, cfg: Config, kind: str, step
 
 
 def meta_loss_loop(model, params, state, episodes, cfg: Config, epoch: int, kind: str, shard: Shard = Shard()):
-    if shard.all_reduce is not None:
-        raise ValueError("the per-task loop is a single-process oracle; use train.impl=parallel with torchrun")
+    if state and (not shard.carry or shard.total not in (None, episodes["xs"].shape[0])):
+        # The oracle folds running statistics task by task, as the reference does: whole meta-batches only.
+        raise ValueError("the per-task loop runs whole meta-batches in one process (train.chunk=0, no torchrun); "
+                         "use train.impl=parallel to split them")
     steps = cfg.inner.steps
     weights = step_weights(cfg, epoch, steps, training=True)
     create_graph = second_order_at(cfg, epoch)

@@ -128,11 +128,13 @@ def update_running_stats(state: Tree, passes: list[tuple[int, dict]], momentum: 
     them for one task (support pass of step i, then its query pass). The reference processes tasks
     one after another, each pass applying r <- (1 - m) r + m s; the closed form of that sequence,
     task-major, is r_M = (1-m)^M r_0 + sum_j m (1-m)^(M-j) s_j, computed here without a task loop.
-    With a shard (tasks split across processes) each process adds its tasks' terms at their global
-    positions and the sums are all-reduced. Returns a new state; the input is not modified.
+    For a part of a meta-batch (shard: a chunk, or a process's share) the terms of its tasks are
+    taken at their global positions; a part that does not carry the state returns its terms alone
+    (zeros in the slots it does not touch), so the parts' states sum to the whole meta-batch's.
+    Returns a new state; the input is not modified.
     """
     shard = shard or Shard()
-    new = dict(state)
+    new = dict(state) if shard.carry else {k: torch.zeros_like(v) for k, v in state.items()}
     for slot in sorted({slot for slot, _ in passes}):
         per_task = [stats for s, stats in passes if s == slot]  # passes of one task, in order
         for layer in per_task[0]:
@@ -142,10 +144,10 @@ def update_running_stats(state: Tree, passes: list[tuple[int, dict]], momentum: 
             total = (shard.total or tasks) * count
             order = torch.arange(1, tasks * count + 1, dtype=means.dtype, device=means.device) + shard.offset * count
             coef = (momentum * (1 - momentum) ** (total - order)).view(tasks, count, 1)
-            decay = (1 - momentum) ** total
+            decay = (1 - momentum) ** total if shard.carry else 0.0
             for key, batch in ((f"{layer}.mean", means), (f"{layer}.var", vars_)):
                 updated = new[key].clone()
-                updated[slot] = decay * new[key][slot] + shard.reduce((coef * batch).sum((0, 1)))
+                updated[slot] = decay * new[key][slot] + (coef * batch).sum((0, 1))
                 new[key] = updated
     return new
 

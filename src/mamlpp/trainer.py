@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 
 import torch
 
 from .config import Config, ConfigError
-from .distributed import Dist, Shard
+from .distributed import LAUNCH_REASON, Dist, Shard
 from .methods import build_method, flatten
 from .schedules import meta_lr
 from .tasks import TaskSource
@@ -37,9 +38,6 @@ class Trainer:
         if dist.world > cfg.outer.meta_batch:
             raise ConfigError(f"outer.meta_batch={cfg.outer.meta_batch} is smaller than the {dist.world} processes; "
                               "every process needs at least one task")
-        if dist.active and cfg.train.chunk:
-            raise ConfigError("train.chunk splits the meta-batch within one process; under torchrun leave it at 0 "
-                              "(each process already holds only its share of the tasks)")
         self.cfg, self.tasks, self.device, self.dist = cfg, tasks, device, dist
         self.dtype = getattr(torch, cfg.train.dtype)
         self.method = build_method(cfg, tasks.kind, tasks.input_shape, tasks.num_outputs, backbone)
@@ -64,6 +62,8 @@ class Trainer:
             chosen = None, "n/a (not a CPU)"
         elif self.cfg.train.threads:
             chosen = self.cfg.train.threads, f"{self.cfg.train.threads} (train.threads)"
+        elif self.dist.active:
+            chosen = 1, f"1 (auto: one in each of {self.dist.world} processes)"
         elif self.activations < SMALL_ACTIVATIONS:
             chosen = 1, "1 (auto: a small network)"
         else:
@@ -75,34 +75,46 @@ class Trainer:
         finally:
             torch.set_num_threads(previous)
 
+    def processes(self) -> tuple[int, str]:
+        """CPU processes to split every meta-batch over, and why (train.processes; 0: auto). Auto takes
+        one single-thread process per core when several tasks fit in one pass: two processes were
+        1.24x (Omniglot 20w1s) and 1.15x (5w1s) faster than two threads, which wait on each other in
+        every small operation; a task that fills a pass alone (Mini-ImageNet) was 1.25x faster on two
+        threads (BENCHMARKS.md, "Processes or threads")."""
+        t = self.cfg.train
+        if self.dist.active:
+            return self.dist.world, os.environ.get(LAUNCH_REASON, "torchrun")
+        if t.processes:
+            return t.processes, "train.processes"
+        if self.device.type != "cpu":
+            return 1, "auto: not a CPU"
+        if self.activations < SMALL_ACTIVATIONS:
+            return 1, "auto: a small network"
+        if t.threads:
+            return 1, "auto: train.threads is set"
+        episode = self.tasks.train_batch(0, 1)
+        per_pass = CPU_CHUNK_ACTIVATIONS // ((episode["xs"].shape[1] + episode["xq"].shape[1]) * self.activations)
+        if per_pass < 2:
+            return 1, "auto: a task fills a pass, intra-op threads share it"
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        world = min(cores, self.cfg.outer.meta_batch)
+        if world < 2:
+            return 1, "auto: one core" if cores < 2 else "auto: one task per meta-batch"
+        return world, f"auto: {per_pass} tasks fit in a pass, one process per core"
+
     def meta_step(self, episodes: dict, epoch: int) -> dict[str, torch.Tensor]:
         """One meta-update on a batch of tasks. Metrics stay on the device (no host sync)."""
         lr = meta_lr(self.cfg, epoch)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.zero_grad(set_to_none=True)
-        shard = Shard()
-        if self.dist.active:
-            total = self.cfg.outer.meta_batch
-            lo, hi = self.dist.share(total)
-            episodes = {k: v[lo:hi] for k, v in episodes.items()}
-            shard = Shard(offset=lo, total=total, all_reduce=self.dist.all_reduce)
-        tasks = episodes["xs"].shape[0]
-        chunk = self.cfg.train.chunk or self._auto_chunk(tasks, episodes)
-        if chunk >= tasks:
-            with self.precision():
-                loss, metrics, self.state = self.method.meta_loss(self.params, self.state, episodes, epoch, shard)
-            loss.backward()
-        else:  # chunked meta-batch: one graph alive at a time, the same gradients
-            loss, metrics = self._chunked_backward(episodes, epoch, chunk)
+        loss, metrics, self.state = self._backward(episodes, epoch)
         if self.dist.active:
             self.dist.all_reduce_grads(self.optimizer.param_groups[0]["params"])
-            share = (hi - lo) / total  # metrics are local means: weight them by the share of tasks
-            for k in metrics:
-                metrics[k] = metrics[k] * share
-                self.dist.all_reduce(metrics[k])
-            loss = loss.detach().clone()
-            self.dist.all_reduce(loss)
+            names = list(metrics)
+            summed = self.dist.all_reduce_flat([loss, *metrics.values(), *self.state.values()])
+            loss, metrics = summed[0], dict(zip(names, summed[1:1 + len(names)]))
+            self.state = dict(zip(self.state, summed[1 + len(names):]))
         if self.cfg.outer.grad_clamp is not None:
             c = self.cfg.outer.grad_clamp
             for p in self.clamped:
@@ -111,33 +123,41 @@ class Trainer:
         if self.cfg.outer.grad_norm_clip is not None:
             torch.nn.utils.clip_grad_norm_(self.clamped, self.cfg.outer.grad_norm_clip)
         self.optimizer.step()
-        metrics["meta_loss"] = loss.detach()
+        metrics["meta_loss"] = loss
         return metrics
 
     def _auto_chunk(self, tasks: int, episodes: dict) -> int:
-        if self.dist.active or self.device.type == "cuda" or self.activations < SMALL_ACTIVATIONS:
+        if self.cfg.train.impl == "loop" or self.device.type == "cuda" or self.activations < SMALL_ACTIVATIONS:
             return tasks
         per_task = (episodes["xs"].shape[1] + episodes["xq"].shape[1]) * self.activations
         return max(1, CPU_CHUNK_ACTIVATIONS // per_task)
 
-    def _chunked_backward(self, episodes: dict, epoch: int, chunk: int):
-        """Backward over `chunk` tasks at a time, gradients accumulating. A mean over tasks becomes a
-        sum of chunk means weighted by their share; the method state threads through the chunks in
-        task order, which for BNRS is exactly the reference's sequential update."""
-        tasks = episodes["xs"].shape[0]
-        mean = self.cfg.outer.task_reduction == "mean"
-        loss, metrics = 0.0, {}
-        for lo in range(0, tasks, chunk):
-            part = {k: v[lo:lo + chunk] for k, v in episodes.items()}
-            share = part["xs"].shape[0] / tasks
+    def _backward(self, episodes: dict, epoch: int):
+        """Backward over this process's share of the meta-batch, `chunk` tasks per pass (one graph alive
+        at a time), gradients accumulating: (loss, metrics, state) of the share, to be summed over
+        processes. Each pass is a Shard of the whole meta-batch: its loss is its part of the meta-loss,
+        its metrics weighted by its part of the tasks, its state what it adds (the first part of the
+        meta-batch also carries the old state); and every pass starts from the generator state the
+        meta-batch began with, so a task draws the same numbers whichever pass or process runs it."""
+        total = episodes["xs"].shape[0]
+        lo, hi = self.dist.share(total)
+        chunk = self.cfg.train.chunk or self._auto_chunk(hi - lo, episodes)
+        rng = rng_state(self.device)
+        losses, metrics, state = [], {}, None
+        for first in range(lo, hi, chunk):
+            last = min(first + chunk, hi)
+            if first > lo:
+                set_rng_state(self.device, rng)
+            part = {k: v[first:last] for k, v in episodes.items()}
             with self.precision():
-                part_loss, part_metrics, self.state = self.method.meta_loss(self.params, self.state, part, epoch)
-            part_loss = part_loss * share if mean else part_loss
+                part_loss, part_metrics, part_state = self.method.meta_loss(
+                    self.params, self.state, part, epoch, Shard(offset=first, total=total, carry=first == 0))
             part_loss.backward()
-            loss = loss + part_loss.detach()
+            losses.append(part_loss.detach())
             for k, v in part_metrics.items():
-                metrics[k] = metrics.get(k, 0.0) + v * share
-        return loss, metrics
+                metrics[k] = metrics.get(k, 0.0) + v * ((last - first) / total)
+            state = part_state if state is None else {k: state[k] + v for k, v in part_state.items()}
+        return sum(losses[1:], losses[0]), metrics, state
 
     def state_dict(self) -> dict:
         """Everything a resumed run needs, as tensors and plain numbers (loads with weights_only)."""
@@ -205,6 +225,17 @@ def require_bf16(device: torch.device) -> None:
     if not ok:
         raise ConfigError(f"train.precision=bf16: {what} has no native bfloat16 arithmetic (a CPU needs avx512_bf16 "
                           "or AMX, a GPU compute capability 8.0 or later); use train.precision=full")
+
+
+def rng_state(device: torch.device) -> list[torch.Tensor]:
+    """The generators a method may draw from on `device`: the CPU's, and the GPU's on a GPU."""
+    return [torch.get_rng_state()] + ([torch.cuda.get_rng_state(device)] if device.type == "cuda" else [])
+
+
+def set_rng_state(device: torch.device, states: list[torch.Tensor]) -> None:
+    torch.set_rng_state(states[0])
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(states[1], device)
 
 
 def summarise(name: str, per_task: torch.Tensor) -> dict[str, float]:

@@ -75,10 +75,12 @@ class Method:
                   shard: Shard = Shard()) -> tuple[torch.Tensor, dict[str, torch.Tensor], Tree]:
         """Training loss of a batch of episodes: (loss, metrics, new_state).
 
-        loss = shard.combine(per-task losses, cfg.outer.task_reduction): a sum or a mean over tasks,
-        which is what lets the trainer split a meta-batch into chunks (threading the state through
-        them in task order) and processes share it (shard). metrics: detached scalar tensors, at
-        least "loss" and, for classification, "accuracy" (no host sync).
+        The episodes are one part of a meta-batch (shard: a chunk of tasks, of this process's share).
+        loss = shard.combine(per-task losses, cfg.outer.task_reduction): the part's share of a sum or
+        mean over the whole meta-batch, so the parts' losses sum to it. new_state: with shard.carry,
+        the given state updated by the part's tasks; without, only what the part adds to it (zeros
+        where it adds nothing), as the trainer sums the parts' states. metrics: detached scalar tensors,
+        means over the part's tasks, at least "loss" and, for classification, "accuracy" (no host sync).
         """
         raise NotImplementedError
 
@@ -105,9 +107,9 @@ def task_uniforms(shard: Shard, tasks: int, width: int, like: torch.Tensor) -> t
     """U[0, 1) numbers [tasks, width] for the local tasks of a meta-batch, `width` per task, from
     the global generator (saved in every checkpoint, so resume is exact) on like's device and dtype.
 
-    The draw is made for the whole meta-batch (shard.total tasks) and this process's rows are kept,
-    so under torchrun every task gets the numbers it gets in one process. On the CPU the generator
-    fills rows in order, so a meta-batch split into chunks also draws the same numbers per task.
+    The draw is made for the whole meta-batch (shard.total tasks) and the part's rows are kept; the
+    trainer starts every part of a meta-batch from the same generator state, so each task gets the
+    numbers it gets unsplit, whichever chunk or process runs it.
     Methods that sample within an episode (pairs, distortions, dropout) take their randomness here.
     """
     total = shard.total or tasks
