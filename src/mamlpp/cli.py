@@ -107,7 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="meta-train a preset, validate every epoch, checkpoint, then test",
                        description="Meta-train PRESET into --out RUN_DIR (config.json, metrics.csv, checkpoints/, "
-                                   "tensorboard/, test.json, summary.json), or continue a killed run with --resume.")
+                                   "tensorboard/, test.json, summary.json), or continue a killed run with --resume. "
+                                   "On a CPU it splits every meta-batch's tasks over processes of its own where that is "
+                                   "faster (train.processes; the first line says what it chose); under torchrun, "
+                                   "one rank per process.")
     p.add_argument("preset", nargs="?", help="preset name ('mamlpp presets' lists them)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
     p.add_argument("--out", help="run directory for a new run")

@@ -1,4 +1,4 @@
-"""Data parallelism over tasks with torch.distributed (launched by torchrun).
+"""Data parallelism over tasks with torch.distributed (launched by torchrun or by `mamlpp train`, launch.py).
 
 Every process samples the same meta-batch (sampling is index-addressed and cheap), keeps its
 contiguous share of the tasks, and the meta-gradient is all-reduced explicitly after backward:
@@ -36,7 +36,7 @@ class Shard:
     carry: bool = True
 
     def combine(self, losses: torch.Tensor, reduction: str) -> torch.Tensor:
-        """The local share of the meta-loss: summing it over processes gives the whole loss."""
+        """The part's share of the meta-loss: the parts' shares (over chunks and processes) sum to it."""
         return losses.sum() if reduction == "sum" else losses.sum() / (self.total or losses.numel())
 
 

@@ -79,7 +79,7 @@ class Peers:
 
 
 def follow_parent() -> None:
-    """In a rank that `start_peers` started: die when rank 0 does, however it ends (Linux)."""
+    """In a rank that `Peers` started: die when rank 0 does, however it ends (Linux)."""
     parent = os.environ.get(PARENT)
     if not parent or not sys.platform.startswith("linux"):
         return
