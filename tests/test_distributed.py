@@ -175,3 +175,20 @@ def test_a_failed_process_ends_the_run():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 1 and time.time() - start < 60
     assert "mamlpp: training process 1 of 2 exited with status 2; stopping the run" in done.stderr
+
+
+def test_ctrl_c_stops_every_process_with_one_line(tmp_path):
+    args = ["train.epochs=3", "train.iters_per_epoch=150", "train.eval_tasks=20", "outer.meta_batch=4",
+            "model.hidden=16,16", "train.device=cpu", "train.log_every=10", "train.tensorboard=false",
+            "train.processes=2", "--no-progress", "--no-test"]
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "mamlpp", "train", "sinusoid-maml", *args, "--out", str(run)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline, peers = time.time() + 120, []
+    while time.time() < deadline and not (run / "metrics.csv").exists():
+        peers = peers or peers_of(proc.pid)
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)  # what a terminal sends to every process of the job
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and len(peers) == 1 and not alive(peers[0])
+    assert f"mamlpp: interrupted; continue with: mamlpp train --resume {run}" in err and "Traceback" not in err, err

@@ -59,6 +59,10 @@ def cmd_train(args) -> int:
     except NonFiniteLossError as e:
         print(f"mamlpp: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C reaches every rank; one line from rank 0, no tracebacks
+        if dist_from_env().main:
+            print(f"mamlpp: interrupted; continue with: mamlpp train --resume {run_dir}", file=sys.stderr)
+        return 130
     finally:
         shutdown(clean)
         failed = peers.wait(clean)
