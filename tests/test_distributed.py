@@ -119,6 +119,10 @@ def test_kill_and_resume_under_torchrun(tmp_path):
         assert torch.equal(a["params"][k], b["params"][k]), k
 
 
+# Ranks follow rank 0 through PR_SET_PDEATHSIG, and the tests find them in /proc.
+LINUX = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux only")
+
+
 def peers_of(pid):
     return [int(p) for p in open(f"/proc/{pid}/task/{pid}/children").read().split()]
 
@@ -141,21 +145,30 @@ def test_train_starts_its_own_processes(tmp_path):
     assert_same_params(latest(tmp_path / "one"), latest(tmp_path / "two"), 1e-9)
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ranks follow rank 0 through PR_SET_PDEATHSIG")
-def test_killed_train_takes_its_processes_along_and_resumes(tmp_path):
-    """kill -9 of the process the user started leaves no rank training on (holding the run's lock):
-    the resume starts at once and finishes the run."""
-    args = ["train.epochs=3", "train.iters_per_epoch=150", "train.eval_tasks=20", "outer.meta_batch=4",
+# A sinusoid run long enough to interrupt, in two processes that `mamlpp train` starts itself.
+LONG_RUN = ["train.epochs=3", "train.iters_per_epoch=150", "train.eval_tasks=20", "outer.meta_batch=4",
             "model.hidden=16,16", "train.device=cpu", "train.log_every=10", "train.tensorboard=false",
             "train.processes=2", "--no-progress", "--no-test"]
-    run = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "mamlpp", "train", "sinusoid-maml", *args, "--out", str(run)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def start_long_run(run, **popen):
+    """The LONG_RUN training in `run`, once it has logged: (rank 0's Popen, the pids of its peers)."""
+    proc = subprocess.Popen([sys.executable, "-m", "mamlpp", "train", "sinusoid-maml", *LONG_RUN, "--out", str(run)],
+                            **popen)
     deadline, peers = time.time() + 120, []
     while time.time() < deadline and not (run / "metrics.csv").exists():
         peers = peers or peers_of(proc.pid)
         time.sleep(0.05)
     assert len(peers) == 1 and (run / "metrics.csv").exists()
+    return proc, peers
+
+
+@LINUX
+def test_killed_train_takes_its_processes_along_and_resumes(tmp_path):
+    """kill -9 of the process the user started leaves no rank training on (holding the run's lock):
+    the resume starts at once and finishes the run."""
+    run = tmp_path / "run"
+    proc, peers = start_long_run(run, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     proc.kill()  # rank 0 only: its peer must follow
     proc.wait()
     deadline = time.time() + 30
@@ -177,18 +190,12 @@ def test_a_failed_process_ends_the_run():
     assert "mamlpp: training process 1 of 2 exited with status 2; stopping the run" in done.stderr
 
 
+@LINUX
 def test_ctrl_c_stops_every_process_with_one_line(tmp_path):
-    args = ["train.epochs=3", "train.iters_per_epoch=150", "train.eval_tasks=20", "outer.meta_batch=4",
-            "model.hidden=16,16", "train.device=cpu", "train.log_every=10", "train.tensorboard=false",
-            "train.processes=2", "--no-progress", "--no-test"]
     run = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "mamlpp", "train", "sinusoid-maml", *args, "--out", str(run)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    deadline, peers = time.time() + 120, []
-    while time.time() < deadline and not (run / "metrics.csv").exists():
-        peers = peers or peers_of(proc.pid)
-        time.sleep(0.05)
+    proc, peers = start_long_run(run, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                 start_new_session=True)
     os.killpg(proc.pid, signal.SIGINT)  # what a terminal sends to every process of the job
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130 and len(peers) == 1 and not alive(peers[0])
+    assert proc.returncode == 130 and not alive(peers[0])
     assert f"mamlpp: interrupted; continue with: mamlpp train --resume {run}" in err and "Traceback" not in err, err
