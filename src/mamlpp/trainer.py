@@ -77,10 +77,10 @@ class Trainer:
 
     def processes(self) -> tuple[int, str]:
         """CPU processes to split every meta-batch over, and why (train.processes; 0: auto). Auto takes
-        one single-thread process per core when several tasks fit in one pass: two processes were
-        1.24x (Omniglot 20w1s) and 1.15x (5w1s) faster than two threads, which wait on each other in
-        every small operation; a task that fills a pass alone (Mini-ImageNet) was 1.25x faster on two
-        threads (BENCHMARKS.md, "Processes or threads")."""
+        one single-thread process per core when several tasks fit in one pass: on two cores, two
+        processes were 1.23x (Omniglot 20w1s) and 1.19x (5w1s) faster than two threads, which wait on
+        each other in every small operation; a task that fills a pass alone (Mini-ImageNet) was 1.10x
+        faster on two threads (BENCHMARKS.md, "Processes or threads"; more cores are not measured)."""
         t = self.cfg.train
         if self.dist.active:
             return self.dist.world, os.environ.get(LAUNCH_REASON, "torchrun")
@@ -92,8 +92,7 @@ class Trainer:
             return 1, "auto: a small network"
         if t.threads:
             return 1, "auto: train.threads is set"
-        episode = self.tasks.train_batch(0, 1)
-        per_pass = CPU_CHUNK_ACTIVATIONS // ((episode["xs"].shape[1] + episode["xq"].shape[1]) * self.activations)
+        per_pass = self._tasks_per_pass(self.tasks.train_batch(0, 1))
         if per_pass < 2:
             return 1, "auto: a task fills a pass, intra-op threads share it"
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -129,8 +128,11 @@ class Trainer:
     def _auto_chunk(self, tasks: int, episodes: dict) -> int:
         if self.cfg.train.impl == "loop" or self.device.type == "cuda" or self.activations < SMALL_ACTIVATIONS:
             return tasks
-        per_task = (episodes["xs"].shape[1] + episodes["xq"].shape[1]) * self.activations
-        return max(1, CPU_CHUNK_ACTIVATIONS // per_task)
+        return max(1, self._tasks_per_pass(episodes))
+
+    def _tasks_per_pass(self, episodes: dict) -> int:
+        """Tasks of these episodes' size that a CPU pass of CPU_CHUNK_ACTIVATIONS holds (0: not one)."""
+        return CPU_CHUNK_ACTIVATIONS // ((episodes["xs"].shape[1] + episodes["xq"].shape[1]) * self.activations)
 
     def _backward(self, episodes: dict, epoch: int):
         """Backward over this process's share of the meta-batch, `chunk` tasks per pass (one graph alive
