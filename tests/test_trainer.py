@@ -134,7 +134,8 @@ def test_processes_are_chosen_per_workload(monkeypatch):
     from mamlpp.presets import get_preset
     from mamlpp.sinusoid import SinusoidTasks
 
-    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    monkeypatch.setattr("mamlpp.trainer.available_cores", lambda: 3)
+    monkeypatch.setattr("sys.platform", "linux")
     cfg = get_preset("sinusoid-maml")
     assert Trainer(cfg, SinusoidTasks(cfg.data, 0, CPU, torch.float32), CPU).processes() == (1, "auto: a small network")
 
@@ -147,8 +148,97 @@ def test_processes_are_chosen_per_workload(monkeypatch):
     assert chosen() == (3, "auto: 8 tasks fit in a pass, one process per core")
     assert chosen(**{"outer.meta_batch": 2}) == (2, "auto: 8 tasks fit in a pass, one process per core")
     assert chosen(**{"outer.meta_batch": 1}) == (1, "auto: one task per meta-batch")
-    assert chosen(size=84) == (1, "auto: a task fills a pass, intra-op threads share it")  # 10 x 64 x 84 x 84
+    assert chosen(size=84) == (1, "auto: one task per pass, intra-op threads share it")  # 10 x 64 x 84 x 84
     assert chosen(**{"train.threads": 2}) == (1, "auto: train.threads is set")
     assert chosen(**{"train.processes": 2, "outer.meta_batch": 2}) == (2, "train.processes")
-    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0}, raising=False)
+    assert chosen(**{"train.chunk": 1}) == (1, "auto: one task per pass, intra-op threads share it")
+    assert chosen(**{"train.impl": "loop"}) == (1, "auto: the per-task loop runs in one process")
+    monkeypatch.setattr("mamlpp.trainer.available_cores", lambda: 1)
     assert chosen() == (1, "auto: one core")
+    monkeypatch.setattr("sys.platform", "darwin")  # no PR_SET_PDEATHSIG to take the other ranks along
+    assert chosen() == (1, "auto: processes are chosen on Linux only")
+
+
+def test_available_cores_honour_a_container_quota(monkeypatch, tmp_path):
+    from mamlpp import trainer
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    limit = tmp_path / "cpu.max"
+    monkeypatch.setattr(trainer, "CGROUP_CPU_MAX", str(limit))
+    assert trainer.available_cores() == 8  # no cgroup file
+    limit.write_text("max 100000\n")
+    assert trainer.available_cores() == 8
+    limit.write_text("250000 100000\n")  # docker --cpus=2.5
+    assert trainer.available_cores() == 2
+    limit.write_text("50000 100000\n")
+    assert trainer.available_cores() == 1
+
+
+class FixedTasks:
+    """A task source serving one fixed batch of `tasks` identical 3-way 2-shot tasks."""
+    kind, num_outputs = "classification", 3
+
+    def __init__(self, tasks, shape):
+        from core_utils import episodes
+
+        self.input_shape = shape
+        one = episodes(tasks=1, ways=3, shots=2, queries=2, shape=shape)
+        self.batch = {k: v.expand(tasks, *v.shape[1:]).clone() for k, v in one.items()}
+
+
+def test_passes_of_a_meta_batch_draw_alike_for_it_and_apart_for_themselves(monkeypatch):
+    """Numbers drawn for the whole meta-batch (Siamese pairs and distortions) are a task's own in
+    any pass: chunks of one task give the one-pass update. What a pass draws for its tasks alone
+    (ResNet-12's DropBlock masks) never repeats another pass's draws, even for identical tasks."""
+    from core_utils import set_keys
+    from mamlpp.methods import flatten
+    from mamlpp.presets import get_preset
+
+    def siamese_grads(chunk):
+        cfg = set_keys(get_preset("omniglot-5w1s-siamese"), {
+            "model.filters": 4, "model.stages": 2, "data.shots": 2, "method.pairs": 8, "method.distort": True,
+            "outer.meta_batch": 4, "train.chunk": chunk, "train.dtype": "float64"})
+        tasks = FixedTasks(4, (1, 12, 12))
+        torch.manual_seed(0)
+        trainer = Trainer(cfg, tasks, CPU)
+        trainer.meta_step(tasks.batch, 0)
+        after = torch.get_rng_state()
+        return torch.cat([p.grad.flatten() for p in flatten(trainer.params).values() if p.grad is not None]), after
+
+    (whole, rng_whole), (chunked, rng_chunked) = siamese_grads(4), siamese_grads(1)
+    assert (whole - chunked).norm() / whole.norm() < 1e-12
+    assert torch.equal(rng_whole, rng_chunked)  # the global generator leaves the step as one pass leaves it
+
+    draws = []
+    bernoulli = torch.bernoulli
+    monkeypatch.setattr(torch, "bernoulli", lambda *a, **k: draws.append(bernoulli(*a, **k)) or draws[-1])
+    cfg = tiny_config("omniglot-5w1s-mamlpp", **{"model.arch": "resnet12", "model.widths": (4, 4, 4, 4),
+                                                "model.dropblock": 0.3, "outer.meta_batch": 3, "train.chunk": 1,
+                                                "inner.steps": 1})
+    tasks = FixedTasks(3, (1, 16, 16))
+    Trainer(cfg, tasks, CPU).meta_step({k: v.float() if v.is_floating_point() else v for k, v in tasks.batch.items()}, 0)
+    per_pass = len(draws) // 3
+    assert per_pass and len(draws) == 3 * per_pass
+    passes = [torch.cat([d.flatten() for d in draws[i * per_pass:(i + 1) * per_pass]]) for i in range(3)]
+    assert not torch.equal(passes[0], passes[1]) and not torch.equal(passes[1], passes[2])
+
+
+def test_one_process_paths_refuse_splits_and_gpus_take_no_processes(monkeypatch):
+    """The per-task loop runs whole meta-batches in one process; on a GPU `mamlpp train` starts no
+    processes of its own (train.processes=1 is fine there, more is torchrun's job)."""
+    import pytest
+
+    from mamlpp import launch
+    from mamlpp.config import ConfigError, apply_overrides
+    from mamlpp.presets import get_preset
+
+    cfg = tiny_config("omniglot-5w1s-mamlpp", **{"train.impl": "loop", "train.chunk": 2, "outer.meta_batch": 4})
+    with pytest.raises(ConfigError, match="train.impl=loop is the one-process oracle over whole meta-batches"):
+        Trainer(cfg, image_tasks(cfg), CPU)
+    with pytest.raises(ConfigError, match="train.processes=2: train.impl=loop is the one-process oracle"):
+        apply_overrides(get_preset("omniglot-5w1s-mamlpp"), ["train.impl=loop", "train.processes=2"])
+    monkeypatch.setattr(launch, "select_device", lambda name: torch.device("cuda"))
+    assert launch.plan(tiny_config("omniglot-5w1s-mamlpp", **{"train.processes": 1}), None) == (1, "")
+    assert launch.plan(tiny_config("omniglot-5w1s-mamlpp"), None) == (1, "")
+    with pytest.raises(ConfigError, match="train.processes=2 splits tasks over CPU processes; on cuda use torchrun"):
+        launch.plan(tiny_config("omniglot-5w1s-mamlpp", **{"train.processes": 2}), None)

@@ -118,7 +118,7 @@ def _time(trainer: Trainer, cfg: Config, batches: list, device: torch.device, im
         "device_name": device_name(device), "torch_version": torch.__version__, "threads": threads,
         "processes": trainer.dist.world,
         # every process's peak added up (resident sets: the library pages they share count once each)
-        "peak_memory_mb_all": round(trainer.dist.all_reduce_flat([torch.tensor([memory.peak], dtype=torch.float64)])[0].item(), 1),
+        "peak_memory_mb_all": round(trainer.dist.all_reduce_flat([torch.tensor([memory.peak], dtype=torch.float64, device=device)])[0].item(), 1),
     }
     if eval_tasks:
         trainer.evaluate("val", num_tasks=min(eval_tasks, 8))  # warm-up

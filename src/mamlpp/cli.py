@@ -32,10 +32,9 @@ def cmd_config(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from . import api, launch
+    from . import launch
     from .distributed import dist_from_env, shutdown
-    from .experiment import NonFiniteLossError
-    from .rundir import RunDir, TestResult
+    from .rundir import RunDir
 
     launch.follow_parent()
 
@@ -49,35 +48,49 @@ def cmd_train(args) -> int:
         if not args.preset or not args.out:
             raise ConfigError("train needs PRESET and --out RUN_DIR (or --resume RUN_DIR)")
         run_dir, cfg = args.out, resolve(args.preset, args.overrides)
-    world, why = launch.plan(cfg, args.data_dir) if args.argv is not None else (1, "")
-    peers = launch.Peers(world, why, args.argv)
-    clean = False
+    code = 1
+    try:
+        world, why = launch.plan(cfg, args.data_dir) if args.argv is not None else (1, "")
+        peers = launch.Peers(world, why, args.argv)
+        try:
+            code = _train(args, cfg, run_dir)
+        finally:
+            try:
+                shutdown(clean=code == 0)
+            finally:
+                failed = peers.wait(ok=code == 0)
+        if failed and code == 0:
+            print(f"mamlpp: a training process exited with status {failed}", file=sys.stderr)
+            code = 1
+    except KeyboardInterrupt:  # Ctrl-C reaches every rank: one line from rank 0, no tracebacks
+        if dist_from_env().main:
+            hint = f"; continue with: mamlpp train --resume {run_dir}" if RunDir(run_dir).is_run() else ""
+            print(f"mamlpp: interrupted{hint}", file=sys.stderr)
+        code = 130
+    if dist_from_env().active:  # torch 2.13's gloo can abort in interpreter teardown (1 run in ~15 on 2 CPU
+        sys.stdout.flush()  # ranks), after the process group is gone and every file is written: skip it
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def _train(args, cfg: Config, run_dir: str) -> int:
+    """One rank's run (every rank under torchrun or train.processes); rank 0 prints the result."""
+    from . import api
+    from .distributed import dist_from_env
+    from .experiment import NonFiniteLossError
+    from .rundir import TestResult
+
     try:
         summary = api.train(cfg, run_dir, resume=bool(args.resume), data_dir=args.data_dir,
                             progress=not args.no_progress, test=not args.no_test)
-        clean = True
     except NonFiniteLossError as e:
         print(f"mamlpp: {e}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:  # Ctrl-C reaches every rank; one line from rank 0, no tracebacks
-        if dist_from_env().main:
-            print(f"mamlpp: interrupted; continue with: mamlpp train --resume {run_dir}", file=sys.stderr)
-        return 130
-    finally:
-        shutdown(clean)
-        failed = peers.wait(clean)
-    if failed:
-        print(f"mamlpp: a training process exited with status {failed}", file=sys.stderr)
-        return 1
-    dist = dist_from_env()
-    if dist.main:
+    if dist_from_env().main:
         print(f"run: {run_dir}  iterations: {summary['iterations']}  seconds: {summary['seconds']:.1f}")
         if summary["final"]:
             print(TestResult.from_dict(summary["final"]).describe())
-    if dist.active:  # torch 2.13's gloo can abort in interpreter teardown (1 run in ~15 on 2 CPU ranks),
-        sys.stdout.flush()  # after the process group is gone and every file is written: skip that teardown
-        sys.stderr.flush()
-        os._exit(0)
     return 0
 
 
@@ -158,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # Overrides may follow options (`train P --out R inner.steps=3`): argparse leaves them unknown.
     args, unknown = parser.parse_known_args(argv)
-    args.argv = argv if program else None  # what train's own processes run (launch.py)
+    # what train's own processes run (launch.py), --debug included
+    args.argv = list(sys.argv[1:]) if program else None
     if unknown:
         if not hasattr(args, "overrides") or any(u.startswith("-") or "=" not in u for u in unknown):
             parser.error(f"unrecognized arguments: {' '.join(unknown)}")

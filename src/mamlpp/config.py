@@ -392,6 +392,9 @@ def validate(cfg: Config) -> None:
                        "train.processes": t.processes}.items():
         if value < 0:
             raise ConfigError(f"{key}={value}: must be >= 1 (or 0 for the default)")
+    if t.processes > 1 and t.impl == "loop":
+        raise ConfigError(f"train.processes={t.processes}: train.impl=loop is the one-process oracle; use "
+                          "train.processes=1 (or 0) with it, or train.impl=parallel")
     if t.processes > o.meta_batch:
         raise ConfigError(f"train.processes={t.processes}: more than outer.meta_batch={o.meta_batch}; every process "
                           "needs at least one task of each meta-batch")

@@ -29,11 +29,14 @@ class Shard:
     part is the whole). carry: whether the part's new state carries the state it was given (the
     meta-batch's first part does); the other parts return only what they add to it (running
     statistics: their tasks' terms; zeros elsewhere), and the trainer sums the parts' states over
-    chunks and processes, so a meta-batch gives the same state however it is split.
+    chunks and processes, so a meta-batch gives the same state however it is split. generator: the
+    meta-batch's own CPU generator, started from the same seed in every part, for numbers drawn for
+    the whole meta-batch and sliced to the part (methods.base.task_uniforms); None: torch's global one.
     """
     offset: int = 0
     total: Optional[int] = None
     carry: bool = True
+    generator: Optional[torch.Generator] = None
 
     def combine(self, losses: torch.Tensor, reduction: str) -> torch.Tensor:
         """The part's share of the meta-loss: the parts' shares (over chunks and processes) sum to it."""

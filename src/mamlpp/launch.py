@@ -30,11 +30,13 @@ def plan(cfg, data_dir: str | None) -> tuple[int, str]:
     from .trainer import Trainer
 
     device = select_device(cfg.train.device)
-    if dist_from_env().active or (device.type != "cpu" and not cfg.train.processes):
+    if dist_from_env().active or (device.type != "cpu" and cfg.train.processes <= 1):
         return 1, ""
     if device.type != "cpu":
         raise ConfigError(f"train.processes={cfg.train.processes} splits tasks over CPU processes; on {device} "
-                         "use torchrun (one process per GPU)")
+                          "use torchrun (one process per GPU)")
+    if cfg.train.processes:
+        return cfg.train.processes, "train.processes"
     with torch.random.fork_rng(devices=[]):
         return Trainer(cfg, build_tasks(cfg, device, data_dir=data_dir), device).processes()
 
@@ -52,6 +54,8 @@ class Peers:
             port = s.getsockname()[1]
         os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(world),
                            "LOCAL_WORLD_SIZE": str(world), "RANK": "0", "LOCAL_RANK": "0", LAUNCH_REASON: why})
+        # Every rank on this machine: gloo over the loopback device, whatever the host name resolves to.
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo" if sys.platform.startswith("linux") else "lo0")
         env = dict(os.environ, OMP_NUM_THREADS="1", **{PARENT: str(os.getpid())})
         self.procs = [subprocess.Popen([sys.executable, "-m", "mamlpp", *argv],
                                        env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(1, world)]
@@ -62,7 +66,8 @@ class Peers:
         up to half an hour): end the run at once, as torchrun would."""
         while not self.stopping.wait(0.5):
             for rank, p in enumerate(self.procs, 1):
-                if p.poll():
+                # 130 / SIGINT: Ctrl-C, which rank 0 received too and reports itself
+                if p.poll() not in (None, 0, 130, -signal.SIGINT) and not self.stopping.is_set():
                     print(f"mamlpp: training process {rank} of {len(self.procs) + 1} exited with status "
                           f"{p.returncode}; stopping the run", file=sys.stderr, flush=True)
                     for q in self.procs:

@@ -19,8 +19,9 @@ DropBlock (Ghiasi et al. 2018), `model.dropblock` = the drop probability (0: off
 0.1 on Mini-ImageNet), acts after the pool of the last two blocks with blocks of 5x5 (MetaOptNet's
 size; smaller where the feature map is), in training passes only (every support and query pass of
 meta-training; never in evaluation). Its masks are drawn from torch's global generator, which runs
-seed and checkpoints save, and each task's mask is rescaled by that task's own kept fraction, so the
-tasks of a meta-batch stay independent. Not copied from MetaOptNet: its linear warm-up of the drop
+seed and checkpoints save and the trainer seeds per pass (so they depend on how a meta-batch is split
+into passes), and each task's mask is rescaled by that task's own kept fraction, so the tasks of a
+meta-batch stay independent. Not copied from MetaOptNet: its linear warm-up of the drop
 rate over the first 40,000 batches (a counter this stateless backbone does not keep) and its plain
 dropout in the first two blocks.
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import sys
 
 import torch
 
@@ -25,6 +26,7 @@ from .tasks import TaskSource
 # backbones whose activations are small (the sinusoid MLP), big passes win.
 CPU_CHUNK_ACTIVATIONS, CPU_EVAL_CHUNK, GPU_EVAL_CHUNK = 2**22, 4, 200
 SMALL_ACTIVATIONS = 4096  # per example; below this a backbone is "small"
+CGROUP_CPU_MAX = "/sys/fs/cgroup/cpu.max"  # "QUOTA PERIOD" of a container's CPU limit, or "max PERIOD"
 
 
 class Trainer:
@@ -38,6 +40,9 @@ class Trainer:
         if dist.world > cfg.outer.meta_batch:
             raise ConfigError(f"outer.meta_batch={cfg.outer.meta_batch} is smaller than the {dist.world} processes; "
                               "every process needs at least one task")
+        if cfg.train.impl == "loop" and (dist.active or 0 < cfg.train.chunk < cfg.outer.meta_batch):
+            raise ConfigError("train.impl=loop is the one-process oracle over whole meta-batches: run it with "
+                              "train.chunk=0 and without torchrun, or use train.impl=parallel")
         self.cfg, self.tasks, self.device, self.dist = cfg, tasks, device, dist
         self.dtype = getattr(torch, cfg.train.dtype)
         self.method = build_method(cfg, tasks.kind, tasks.input_shape, tasks.num_outputs, backbone)
@@ -88,14 +93,18 @@ class Trainer:
             return t.processes, "train.processes"
         if self.device.type != "cpu":
             return 1, "auto: not a CPU"
+        if t.impl == "loop":
+            return 1, "auto: the per-task loop runs in one process"
+        if not sys.platform.startswith("linux"):
+            return 1, "auto: processes are chosen on Linux only"
         if self.activations < SMALL_ACTIVATIONS:
             return 1, "auto: a small network"
         if t.threads:
             return 1, "auto: train.threads is set"
-        per_pass = self._tasks_per_pass(self.tasks.train_batch(0, 1))
+        per_pass = t.chunk or self._tasks_per_pass(self.tasks.train_batch(0, 1))
         if per_pass < 2:
-            return 1, "auto: a task fills a pass, intra-op threads share it"
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+            return 1, "auto: one task per pass, intra-op threads share it"
+        cores = available_cores()
         world = min(cores, self.cfg.outer.meta_batch)
         if world < 2:
             return 1, "auto: one core" if cores < 2 else "auto: one task per meta-batch"
@@ -139,26 +148,32 @@ class Trainer:
         at a time), gradients accumulating: (loss, metrics, state) of the share, to be summed over
         processes. Each pass is a Shard of the whole meta-batch: its loss is its part of the meta-loss,
         its metrics weighted by its part of the tasks, its state what it adds (the first part of the
-        meta-batch also carries the old state); and every pass starts from the generator state the
-        meta-batch began with, so a task draws the same numbers whichever pass or process runs it."""
+        meta-batch also carries the old state).
+
+        Randomness: one seed per meta-batch from the global generator (checkpointed, the same in every
+        process). Numbers drawn for the whole meta-batch come from a generator started from it in every
+        pass (Shard.generator), the same for a task however the batch is split; what a pass draws for
+        itself alone (DropBlock masks, Matching Nets' support shuffles) comes from the global generator
+        seeded per pass, so passes never repeat each other's draws; afterwards the global generator is
+        seeded from the meta-batch's seed, so every process leaves the step in the same state."""
         total = episodes["xs"].shape[0]
         lo, hi = self.dist.share(total)
         chunk = self.cfg.train.chunk or self._auto_chunk(hi - lo, episodes)
-        rng = rng_state(self.device)
+        seed = int(torch.randint(2**62, ()))
         losses, metrics, state = [], {}, None
         for first in range(lo, hi, chunk):
             last = min(first + chunk, hi)
-            if first > lo:
-                set_rng_state(self.device, rng)
+            torch.manual_seed(seed + 1 + first)
             part = {k: v[first:last] for k, v in episodes.items()}
+            shard = Shard(offset=first, total=total, carry=first == 0, generator=torch.Generator().manual_seed(seed))
             with self.precision():
-                part_loss, part_metrics, part_state = self.method.meta_loss(
-                    self.params, self.state, part, epoch, Shard(offset=first, total=total, carry=first == 0))
+                part_loss, part_metrics, part_state = self.method.meta_loss(self.params, self.state, part, epoch, shard)
             part_loss.backward()
             losses.append(part_loss.detach())
             for k, v in part_metrics.items():
                 metrics[k] = metrics.get(k, 0.0) + v * ((last - first) / total)
             state = part_state if state is None else {k: state[k] + v for k, v in part_state.items()}
+        torch.manual_seed(seed + 1 + total)
         return sum(losses[1:], losses[0]), metrics, state
 
     def state_dict(self) -> dict:
@@ -229,15 +244,16 @@ def require_bf16(device: torch.device) -> None:
                           "or AMX, a GPU compute capability 8.0 or later); use train.precision=full")
 
 
-def rng_state(device: torch.device) -> list[torch.Tensor]:
-    """The generators a method may draw from on `device`: the CPU's, and the GPU's on a GPU."""
-    return [torch.get_rng_state()] + ([torch.cuda.get_rng_state(device)] if device.type == "cuda" else [])
-
-
-def set_rng_state(device: torch.device, states: list[torch.Tensor]) -> None:
-    torch.set_rng_state(states[0])
-    if device.type == "cuda":
-        torch.cuda.set_rng_state(states[1], device)
+def available_cores() -> int:
+    """The cores this process may use: its CPU affinity, capped by a cgroup v2 CPU quota (containers)."""
+    cores = len(os.sched_getaffinity(0))
+    try:
+        quota, period = open(CGROUP_CPU_MAX).read().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, int(quota) // int(period)))
+    except (OSError, ValueError):
+        pass
+    return cores
 
 
 def summarise(name: str, per_task: torch.Tensor) -> dict[str, float]:

@@ -104,17 +104,18 @@ class Method:
 
 
 def task_uniforms(shard: Shard, tasks: int, width: int, like: torch.Tensor) -> torch.Tensor:
-    """U[0, 1) numbers [tasks, width] for the local tasks of a meta-batch, `width` per task, from
-    the global generator (saved in every checkpoint, so resume is exact) on like's device and dtype.
+    """U[0, 1) numbers [tasks, width] for the part's tasks of a meta-batch, `width` per task, on like's
+    device and dtype. Methods that sample within an episode (pairs, distortions, dropout) take their
+    randomness here.
 
-    The draw is made for the whole meta-batch (shard.total tasks) and the part's rows are kept; the
-    trainer starts every part of a meta-batch from the same generator state, so each task gets the
-    numbers it gets unsplit, whichever chunk or process runs it.
-    Methods that sample within an episode (pairs, distortions, dropout) take their randomness here.
+    The draw is made for the whole meta-batch (shard.total tasks) from the meta-batch's generator
+    (shard.generator: the trainer starts it from the same seed, drawn from the checkpointed global
+    generator, in every part) and the part's rows are kept, so each task gets the same numbers
+    however the meta-batch is split into chunks and processes.
     """
     total = shard.total or tasks
-    u = torch.rand(total, width, device=like.device, dtype=like.dtype)
-    return u[shard.offset: shard.offset + tasks]
+    u = torch.rand(total, width, generator=shard.generator, dtype=like.dtype)
+    return u[shard.offset: shard.offset + tasks].to(like.device)
 
 
 def flatten(params: Params) -> dict[str, torch.Tensor]:

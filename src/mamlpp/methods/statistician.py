@@ -391,13 +391,13 @@ class NeuralStatistician(Method):
         return 1.0 + self.cfg.method.alpha * self.cfg.method.alpha_decay ** epoch
 
     def _noise(self, shard: Shard, tasks: int, sets: int, items: int, like: torch.Tensor) -> dict:
-        """Standard normal noise for the whole meta-batch from the global generator, this share's rows
-        taken: under torchrun every task gets the noise it gets in one process."""
+        """Standard normal noise for the whole meta-batch from its generator (task_uniforms), the
+        part's rows taken: every task gets the noise it gets unsplit."""
         total, lo = shard.total or tasks, shard.offset
         m = self.cfg.method
 
         def draw(*shape):
-            return torch.randn(total, *shape, dtype=like.dtype, device=like.device)[lo:lo + tasks]
+            return torch.randn(total, *shape, generator=shard.generator, dtype=like.dtype)[lo:lo + tasks].to(like.device)
 
         return {"c": draw(sets, m.c_dim), "z": [draw(items, m.z_dim) for _ in range(m.stochastic_layers)]}
 
