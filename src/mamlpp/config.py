@@ -166,9 +166,9 @@ class TrainConfig:
     # parallel regions each wait for a thread that a busy machine deschedules), torch's default otherwise.
     threads: int = 0
     # CPU processes that split every meta-batch's tasks (`mamlpp train` starts them; gloo, the same
-    # update as one process). 0: auto, one single-thread process per core when several tasks fit in
-    # one pass (tasks are small; a task that fills a pass is faster on intra-op threads), else one.
-    # Under torchrun, torchrun decides.
+    # update as one process). 0: auto, on Linux one single-thread process per core when several tasks
+    # fit in one pass (tasks are small; a task that fills a pass is faster on intra-op threads), else
+    # one. Under torchrun, torchrun decides.
     processes: int = 0
     log_every: int = 50  # iterations between metrics.csv rows
     top_k: int = 3  # checkpoints kept by validation score and ensembled at test (paper 3, HEAD 5)
