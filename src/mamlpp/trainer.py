@@ -10,6 +10,7 @@ import contextlib
 import math
 import os
 import sys
+from pathlib import Path
 
 import torch
 
@@ -247,12 +248,10 @@ def require_bf16(device: torch.device) -> None:
 def available_cores() -> int:
     """The cores this process may use: its CPU affinity, capped by a cgroup v2 CPU quota (containers)."""
     cores = len(os.sched_getaffinity(0))
-    try:
-        quota, period = open(CGROUP_CPU_MAX).read().split()[:2]
+    with contextlib.suppress(OSError, ValueError):  # no cgroup v2 limit file: the affinity is the limit
+        quota, period = Path(CGROUP_CPU_MAX).read_text().split()[:2]
         if quota != "max":
             cores = min(cores, max(1, int(quota) // int(period)))
-    except (OSError, ValueError):
-        pass
     return cores
 
 
